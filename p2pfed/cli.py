@@ -1,0 +1,135 @@
+"""The `p2pfed` command: run (spawns torchrun here), peer (entry under torchrun), prepare, topology show."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from p2pfed.config import Config, ConfigError, load_config, save_config
+from p2pfed.data import DataError, shakespeare_dir
+from p2pfed.model import EMBEDDED_NAME, ModelError, embedded_model_dir
+from p2pfed.topology import TopologyError, describe, draw, load_topology
+
+RUN_OUTPUTS = ("metrics", "adapters", "summary.md", "summary.json", "config.json")
+
+
+def prepare(config: Config) -> None:
+    """Fetch/convert what peers would otherwise each prepare: the embedded model and data."""
+    if config.model.name == EMBEDDED_NAME:
+        embedded_model_dir()
+    if config.data.source == "shakespeare":
+        shakespeare_dir()
+    if config.gossip.mode == "gossip":
+        load_topology(config.gossip.topology, config.run.peers)  # fail here, not in N peers
+
+
+def claim_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run's results unless asked to."""
+    existing = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{out}: already holds a run ({existing[0].name}); pass --overwrite or choose another run.out")
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def torchrun_command(config_path: Path, peers: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={peers}",
+            "-m", "p2pfed.peer", str(config_path)]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"run.peers={args.peers}"] if args.peers else [])
+    config = load_config(args.config, overrides)
+    prepare(config)
+    out = Path(config.run.out)
+    claim_run_dir(out, args.overwrite)
+    resolved = out / "config.json"
+    save_config(config, resolved)
+    threads = config.run.threads or max(1, (os.cpu_count() or 1) // config.run.peers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    print(f"[p2pfed] launching {config.run.peers} peers with torchrun; resolved config in {resolved}", flush=True)
+    code = subprocess.call(torchrun_command(resolved, config.run.peers), env=env)
+    if code != 0:
+        print(f"p2pfed run: torchrun exited with status {code}; see the peer messages above", file=sys.stderr)
+        return code
+    print("\n" + (out / "summary.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    prepare(load_config(args.config, args.overrides))
+    print("[p2pfed] model, data and topology are ready")
+    return 0
+
+
+def cmd_topology_show(args: argparse.Namespace) -> int:
+    topology = load_topology(args.file, args.peers or _declared_size(args.file))
+    print(describe(topology))
+    png = Path(args.png or Path(args.file).with_suffix(".png").name)
+    draw(topology, png)
+    print(f"drawing    {png}")
+    return 0
+
+
+def _declared_size(path: str) -> int:
+    from p2pfed.topology import graphs_from_spec, load_spec
+
+    spec = load_spec(path)
+    if spec.generator is not None and spec.n is None:
+        raise TopologyError(f"{path}: the file does not fix n; pass --peers N")
+    return graphs_from_spec(spec, spec.n or 0)[0].number_of_nodes()
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from p2pfed.peer import main as peer_main
+
+    return peer_main([args.config, *args.overrides])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2pfed", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="launch N peers on this machine with torchrun")
+    run.add_argument("config")
+    run.add_argument("overrides", nargs="*", help="section.key=value, e.g. gossip.mode=allreduce")
+    run.add_argument("--peers", type=int, help="number of peers (overrides run.peers)")
+    run.add_argument("--overwrite", action="store_true", help="replace results already in run.out")
+    run.set_defaults(func=cmd_run)
+
+    peer = sub.add_parser("peer", help="one peer; run under torchrun")
+    peer.add_argument("config")
+    peer.add_argument("overrides", nargs="*")
+    peer.set_defaults(func=cmd_peer)
+
+    prep = sub.add_parser("prepare", help="fetch the embedded model and data (run once per machine before a multi-node launch)")
+    prep.add_argument("config")
+    prep.add_argument("overrides", nargs="*")
+    prep.set_defaults(func=cmd_prepare)
+
+    topo = sub.add_parser("topology", help="inspect topology files")
+    topo_sub = topo.add_subparsers(dest="topology_command", required=True)
+    show = topo_sub.add_parser("show", help="print n, degrees, spectral gap; draw a PNG")
+    show.add_argument("file")
+    show.add_argument("--peers", type=int, help="size for files that leave n open")
+    show.add_argument("--png", help="where to write the drawing (default: <name>.png here)")
+    show.set_defaults(func=cmd_topology_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, TopologyError, DataError, ModelError) as err:
+        print(f"p2pfed: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Run configuration: dataclasses per section, TOML in, ``key=value`` overrides, clear errors.
+
+Every field is checked against its default's type, so a typo or a wrong type in a config
+file stops the run before any peer starts, with one sentence naming the file and field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the field."""
+
+
+@dataclass(kw_only=True)
+class RunSection:
+    """How many peers, how long, where results go."""
+
+    peers: int = 4
+    """Number of peers (torchrun processes)."""
+    rounds: int = 8
+    """Gossip rounds; each round is `local_steps` optimizer steps then one exchange."""
+    local_steps: int = 2
+    eval_every: int = 2
+    """Evaluate (own held-out + global) every E rounds, and always before and after."""
+    seed: int = 0
+    """Common seed: all peers start from the same adapter, or averaging means nothing."""
+    out: str = "runs/demo"
+    threads: int = 0
+    """Torch threads per peer; 0 = cores / local peers (at least 1)."""
+    prompt: str = "ROMEO.\n"
+    """Prompt for the before/after samples printed at the end of a run."""
+    sample_tokens: int = 40
+
+    def check(self) -> None:
+        _positive(self, "peers", "rounds", "local_steps", "eval_every")
+        _at_least(self, 0, "threads", "sample_tokens")
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    """Which base model every peer loads."""
+
+    name: str = "smollm2-135m"
+    """'smollm2-135m' (embedded), 'tiny' (random Llama for tests), or a local HF directory/id."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
+
+    def check(self) -> None:
+        _one_of(self, "device", ("auto", "cpu", "cuda"))
+
+
+@dataclass(kw_only=True)
+class LoraSection:
+    """The LoRA adapter that peers train and gossip."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    share: str = "AB"
+    """'AB': both factors trained and gossiped; 'B': A frozen at the common seed, only B."""
+
+    def check(self) -> None:
+        _positive(self, "r", "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"[lora] dropout: expected a number in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("[lora] target_modules: expected at least one module name")
+        _one_of(self, "share", ("AB", "B"))
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    """Where each peer's private data comes from and how it is cut into blocks."""
+
+    source: str = "shakespeare"
+    """'shakespeare' (embedded) or 'jsonl' (one file per peer, see `path`)."""
+    split: str = "play"
+    """Shakespeare only: 'play' or 'role' (LEAF style: each speaking role is a client)."""
+    path: str = ""
+    """JSONL only: path template with {rank}, e.g. 'data/peer{rank}.jsonl'."""
+    eval: str = ""
+    """Optional global eval JSONL that every peer evaluates on."""
+    block_size: int = 128
+    batch_size: int = 4
+    eval_fraction: float = 0.1
+    """Share of each peer's data held out for its own evaluation."""
+    eval_blocks: int = 16
+    """Blocks evaluated per eval set (own and global), to bound eval time."""
+
+    def check(self) -> None:
+        _one_of(self, "source", ("shakespeare", "jsonl"))
+        _one_of(self, "split", ("play", "role"))
+        _positive(self, "block_size", "batch_size", "eval_blocks")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"[data] eval_fraction: expected a number in (0, 1), got {self.eval_fraction}")
+        if self.source == "jsonl" and "{rank}" not in self.path:
+            raise ConfigError("[data] path: source 'jsonl' needs a path template with {rank}, e.g. 'data/peer{rank}.jsonl'")
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    """Local optimisation on each peer."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    """Max gradient norm; 0 disables clipping."""
+
+    def check(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"[train] lr: expected a positive number, got {self.lr}")
+        _at_least(self, 0, "weight_decay", "warmup_steps", "grad_clip")
+
+
+@dataclass(kw_only=True)
+class GossipSection:
+    """How adapters are averaged between peers."""
+
+    mode: str = "gossip"
+    """'gossip' (neighbours on the topology), 'allreduce' (exact mean: FedAvg without a
+    server, a baseline), 'local' (no communication, a baseline)."""
+    topology: str = "topologies/ring.toml"
+    codec: str = "fp32"
+    timeout_s: float = 300.0
+    """How long a peer waits for its neighbours before giving up."""
+
+    def check(self) -> None:
+        from p2pfed.codec import CODECS
+
+        _one_of(self, "mode", ("gossip", "allreduce", "local"))
+        _one_of(self, "codec", tuple(CODECS))
+        if self.timeout_s <= 0:
+            raise ConfigError(f"[gossip] timeout_s: expected a positive number, got {self.timeout_s}")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole run; one section per component."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    gossip: GossipSection = field(default_factory=GossipSection)
+
+    def check(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).check()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    _at_least(obj, 1, *names)
+
+
+def _at_least(obj: Any, low: float, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < low:
+            raise ConfigError(f"[{_section_name(obj)}] {name}: expected a number >= {low}, got {value}")
+
+
+def _one_of(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ConfigError(f"[{_section_name(obj)}] {name}: expected one of {', '.join(allowed)}; got {value!r}")
+
+
+def _section_name(obj: Any) -> str:
+    return type(obj).__name__.removesuffix("Section").lower()
+
+
+def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
+    """Check `value` against the type of the field's default; ints are accepted for floats."""
+    where = f"[{section}] {name}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return list(value)
+    raise AssertionError(f"unsupported field type for {where}")  # internal invariant
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build and validate a Config from nested dicts; errors are prefixed with `source`."""
+    try:
+        if not isinstance(raw, dict):
+            raise ConfigError("expected a table of sections")
+        sections: dict[str, Any] = {}
+        known = {f.name: f for f in dataclasses.fields(Config)}
+        for name, values in raw.items():
+            if name not in known:
+                raise ConfigError(f"unknown section [{name}]; expected one of {', '.join(known)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{name}]: expected a table of settings, got {values!r}")
+            section_cls = known[name].default_factory  # type: ignore[misc]
+            defaults = section_cls()
+            fields = {f.name for f in dataclasses.fields(defaults)}
+            kwargs = {}
+            for key, value in values.items():
+                if key not in fields:
+                    raise ConfigError(f"[{name}] {key}: unknown setting; expected one of {', '.join(sorted(fields))}")
+                kwargs[key] = _coerce(name, key, value, getattr(defaults, key))
+            sections[name] = section_cls(**kwargs)
+        config = Config(**sections)
+        config.check()
+        return config
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides; values are parsed as TOML, else taken as strings."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. gossip.mode=allreduce")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"override {item!r}: [{section}] is not a table")
+        raw[section][name] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a TOML (or resolved JSON) config file and apply command-line overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read config file ({err})") from None
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({err})") from None
+    raw = _with_base(raw, path, seen=[path.resolve()])
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=str(path))
+
+
+def _with_base(raw: dict[str, Any], path: Path, seen: list[Path]) -> dict[str, Any]:
+    """`extends = "other.toml"` (relative to this file): start from that file's settings."""
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{path}: extends: expected a file name string, got {base_name!r}")
+    base_path = (path.parent / base_name).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: extends: {base_name} is already being loaded (a cycle)")
+    try:
+        base = tomllib.loads(base_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: extends: {base_path} not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{base_path}: not valid TOML ({err})") from None
+    base = _with_base(base, base_path, seen + [base_path])
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            base[section] = {**base[section], **values}
+        else:
+            base[section] = values
+    return base
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config (defaults filled in) so a run directory says what ran."""
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")

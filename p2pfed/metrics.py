@@ -1,0 +1,59 @@
+"""Per-peer JSONL metrics (one line per round) and the run summary a person reads.
+
+Every figure is measured in the run: seconds with perf_counter, bytes as the lengths of
+the serialised envelopes handed to the transport.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends one JSON object per line, flushed, so a crash loses at most one line."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "w", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of one peer's metrics file."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table, one row per peer: perplexities before/after, bytes, seconds."""
+    header = (
+        "| peer | global ppl before | global ppl after | own ppl before | own ppl after "
+        "| bytes/round sent | compute s/round | comm s/round |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"| {r['rank']} | {_fmt(r['global_ppl_before'])} | {_fmt(r['global_ppl_after'])} "
+            f"| {_fmt(r['own_ppl_before'])} | {_fmt(r['own_ppl_after'])} | {r['bytes_per_round']:,.0f}"
+            f"{' (est.)' if r.get('bytes_estimated') else ''} | {r['compute_s_per_round']:.2f} | {r['comm_s_per_round']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None

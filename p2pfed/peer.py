@@ -1,0 +1,250 @@
+"""The torchrun entry point: one peer's whole run (local steps -> gossip -> metrics).
+
+Run as ``python -m p2pfed.peer CONFIG [section.key=value ...]`` under torchrun; the
+`p2pfed run` command and the scripts in launch/ do that for you.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from p2pfed.codec import get_codec
+from p2pfed.config import Config, ConfigError, load_config
+from p2pfed.consensus import exact_consensus_distance
+from p2pfed.data import DataError, PeerData, load_peer_data
+from p2pfed.gossip import Averager, RoundStats
+from p2pfed.metrics import MetricsWriter, mean_of, summary_table
+from p2pfed.model import ModelError, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
+from p2pfed.topology import Topology, TopologyError, describe, load_topology
+from p2pfed.train import BlockSampler, LocalTrainer, evaluate
+from p2pfed.transport import Transport
+
+log = logging.getLogger("p2pfed.peer")
+
+
+@dataclass
+class RunPaths:
+    """Where one run writes: metrics per peer, adapters per peer, the summary."""
+
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    def peer_metrics(self, rank: int) -> Path:
+        return self.metrics / f"peer{rank}.jsonl"
+
+    def adapter(self, rank: int) -> Path:
+        return self.root / "adapters" / f"peer{rank}"
+
+    @property
+    def summary_md(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+
+class Peer:
+    """Holds one peer's model, data and averager; `run` does the rounds."""
+
+    def __init__(self, config: Config, transport: Transport, device: torch.device) -> None:
+        self.config = config
+        self.transport = transport
+        self.rank = transport.rank
+        self.device = device
+        self.paths = RunPaths(Path(config.run.out))
+        self.loud = self.rank == 0  # one peer shows progress, the others stay quiet
+        if config.run.peers != transport.world_size:
+            raise ConfigError(f"[run] peers = {config.run.peers}, but {transport.world_size} processes were launched")
+        seed = config.run.seed
+        base, self.tokenizer = load_base(config.model)
+        self.model = wrap_lora(base, config.lora, seed).to(device)  # same adapter on every peer
+        torch.manual_seed(seed * 100_003 + self.rank)  # per-peer randomness (dropout) from (seed, rank)
+        self.data: PeerData = load_peer_data(config.data, self.tokenizer, self.rank, transport.world_size, seed)
+        sampler = BlockSampler(self.data.train, config.data.batch_size, seed * 100_003 + self.rank)
+        self.trainer = LocalTrainer(self.model, config.train, sampler, device)
+        self.topology: Topology | None = load_topology(config.gossip.topology, transport.world_size) if config.gossip.mode == "gossip" else None
+        self.averager = Averager(transport, config.gossip.mode, get_codec(config.gossip.codec), self.topology)
+
+    def say(self, text: str) -> None:
+        if self.loud:
+            print(text, flush=True)
+
+    def evaluate(self) -> dict[str, float | None]:
+        batch = self.config.data.batch_size
+        own = evaluate(self.model, self.data.own_eval, batch, self.device)
+        result: dict[str, float | None] = {"own_loss": own["loss"], "own_ppl": own["ppl"], "global_loss": None, "global_ppl": None}
+        if self.data.global_eval is not None:
+            glob = evaluate(self.model, self.data.global_eval, batch, self.device)
+            result.update(global_loss=glob["loss"], global_ppl=glob["ppl"])
+        return result
+
+    def run(self) -> dict[str, Any]:
+        """All rounds; returns this peer's summary row."""
+        cfg = self.config
+        size = adapter_to_vector(self.model).numel()
+        self.say(f"[p2pfed] {cfg.run.peers} peers, mode {cfg.gossip.mode}, {cfg.run.rounds} rounds x {cfg.run.local_steps} local steps, "
+                 f"model {cfg.model.name}, adapter {size:,} values ({size * 4 / 1e6:.2f} MB fp32), run dir {self.paths.root}")
+        if self.topology is not None:
+            self.say(describe(self.topology))
+        self.say(f"[p2pfed] peer 0 data: {self.data.description}; {self.data.train.shape[0]} train blocks")
+        writer = MetricsWriter(self.paths.peer_metrics(self.rank))
+        first = self.evaluate()
+        writer.write({"rank": self.rank, "round": 0, **first, "consensus": exact_consensus_distance(adapter_to_vector(self.model), self.transport)})
+        self.say(f"round {0:>3}/{cfg.run.rounds} | global ppl {first['global_ppl'] or float('nan'):.2f} | own ppl {first['own_ppl']:.2f}")
+        history = [self.one_round(r, writer) for r in range(1, cfg.run.rounds + 1)]
+        last = history[-1]  # the last round always evaluates
+        writer.close()
+        save_adapter(self.model, self.paths.adapter(self.rank))
+        n = len(history)
+        return {
+            "rank": self.rank,
+            "global_ppl_before": first["global_ppl"], "global_ppl_after": last["global_ppl"],
+            "own_ppl_before": first["own_ppl"], "own_ppl_after": last["own_ppl"],
+            "train_loss_first": history[0]["train_loss"], "train_loss_last": history[-1]["train_loss"],
+            "bytes_per_round": sum(h["bytes_sent"] for h in history) / n,
+            "bytes_estimated": history[-1]["bytes_estimated"],
+            "compute_s_per_round": sum(h["compute_s"] for h in history) / n,
+            "comm_s_per_round": sum(h["comm_s"] for h in history) / n,
+            "round_s": sum(h["round_s"] for h in history) / n,
+            "consensus_final": history[-1]["consensus"],
+            "rejected": sum(sum(h["rejected"].values()) for h in history),
+        }
+
+    def one_round(self, round: int, writer: MetricsWriter) -> dict[str, Any]:
+        """K local steps, one averaging round, optional eval; writes one metrics line."""
+        cfg = self.config
+        started = time.perf_counter()
+        train_loss = self.trainer.train(cfg.run.local_steps)
+        compute_s = time.perf_counter() - started
+        mixed, stats = self.averager.average(adapter_to_vector(self.model), round - 1)
+        vector_to_adapter(self.model, mixed)
+        start = time.perf_counter()
+        consensus = exact_consensus_distance(mixed, self.transport)
+        monitor_s = time.perf_counter() - start
+        record: dict[str, Any] = {"rank": self.rank, "round": round, "train_loss": train_loss, "compute_s": compute_s, **_stats_fields(stats),
+                                  "consensus": consensus, "monitor_s": monitor_s}
+        if round % cfg.run.eval_every == 0 or round == cfg.run.rounds:
+            start = time.perf_counter()
+            record.update(self.evaluate())
+            record["eval_s"] = time.perf_counter() - start
+        record["round_s"] = time.perf_counter() - started
+        writer.write(record)
+        shown = f" | global ppl {record['global_ppl']:.2f}" if record.get("global_ppl") else ""
+        self.say(f"round {round:>3}/{cfg.run.rounds} | train loss {train_loss:.3f}{shown} | consensus {consensus:.2e} "
+                 f"| {record['round_s']:.1f} s (compute {compute_s:.1f}, comm {stats.comm_s:.3f})")
+        return record
+
+    @torch.no_grad()
+    def samples(self) -> dict[str, str]:
+        """The same prompt completed by the base model and by this peer's adapter (greedy)."""
+        self.model.eval()
+        inputs = self.tokenizer(self.config.run.prompt, return_tensors="pt").to(self.device)
+        generate = dict(max_new_tokens=self.config.run.sample_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        with self.model.disable_adapter():
+            base = self.model.generate(**inputs, **generate)
+        tuned = self.model.generate(**inputs, **generate)
+        cut = inputs["input_ids"].shape[1]
+        decode = lambda ids: self.tokenizer.decode(ids[0, cut:], skip_special_tokens=True)  # noqa: E731
+        return {"prompt": self.config.run.prompt, "base": decode(base), "fine_tuned": decode(tuned)}
+
+
+def _stats_fields(stats: RoundStats) -> dict[str, Any]:
+    return {"bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received, "bytes_estimated": stats.bytes_estimated,
+            "codec_s": stats.codec_s, "comm_s": stats.comm_s, "neighbours": stats.neighbours, "rejected": stats.rejected,
+            "local_consensus": stats.local_consensus}
+
+
+def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str, str], topology: Topology | None, wall_s: float) -> str:
+    """Rank 0: the run summary (markdown for people, JSON for tools); returns the markdown."""
+    paths = RunPaths(Path(config.run.out))
+    before, after = mean_of(rows, "global_ppl_before"), mean_of(rows, "global_ppl_after")
+    change = (after / before - 1) * 100 if before and after else None
+    info = {
+        "mode": config.gossip.mode, "topology": config.gossip.topology if topology else None,
+        "spectral_gap": topology.spectral_gap() if topology else None, "peers": config.run.peers,
+        "rounds": config.run.rounds, "local_steps": config.run.local_steps, "model": config.model.name,
+        "global_ppl_before": before, "global_ppl_after": after, "global_ppl_change_pct": change,
+        "wall_s": wall_s, "peers_table": rows, "samples": samples,
+    }
+    paths.summary_json.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    gap = f", spectral gap {info['spectral_gap']:.3f}" if topology else ""
+    text = "\n".join([
+        f"# p2pfed run: {paths.root}",
+        "",
+        f"{config.run.peers} peers, mode `{config.gossip.mode}`{' on ' + config.gossip.topology if topology else ''}{gap}; "
+        f"{config.run.rounds} rounds x {config.run.local_steps} local steps; model `{config.model.name}`; wall {wall_s:.0f} s.",
+        "",
+        summary_table(rows),
+        "",
+        f"Mean global eval perplexity: {before:.2f} -> {after:.2f} ({change:+.1f}%)." if change is not None else "No global eval set.",
+        "",
+        f"Prompt: {samples['prompt']!r}",
+        "",
+        "Base model:",
+        "```",
+        samples["base"],
+        "```",
+        "Fine-tuned adapter (peer 0):",
+        "```",
+        samples["fine_tuned"],
+        "```",
+        "",
+        f"Metrics: {paths.metrics}/peer*.jsonl (one line per peer per round). Adapters: {paths.root / 'adapters'}/peer*/ (stock PEFT).",
+    ])
+    paths.summary_md.write_text(text + "\n", encoding="utf-8")
+    return text
+
+
+def run(config: Config, transport: Transport, device: torch.device) -> dict[str, Any]:
+    """One peer's run, then the gathered summary (written by rank 0)."""
+    started = time.perf_counter()
+    peer = Peer(config, transport, device)
+    row = peer.run()
+    rows = [json.loads(b) for b in transport.all_gather_bytes(json.dumps(row).encode())]
+    if peer.rank == 0:
+        write_summary(config, rows, peer.samples(), peer.topology, time.perf_counter() - started)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry under torchrun: ``python -m p2pfed.peer CONFIG [overrides]``."""
+    from p2pfed.transport import TorchTransport, init_process_group, shutdown
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if not argv:
+        print("usage: python -m p2pfed.peer CONFIG [section.key=value ...]", file=sys.stderr)
+        return 2
+    rank = os.environ.get("RANK", "?")
+    try:
+        config = load_config(argv[0], argv[1:])
+        local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(config.run.threads or max(1, (os.cpu_count() or 1) // local_peers))
+        device = choose_device(config.model)
+        init_process_group(device, config.gossip.timeout_s)
+        try:
+            run(config, TorchTransport(device), device)
+        finally:
+            shutdown()
+    except (ConfigError, TopologyError, DataError, ModelError) as err:
+        print(f"p2pfed peer {rank}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

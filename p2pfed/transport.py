@@ -1,0 +1,161 @@
+"""Moving bytes between peers: torch.distributed point-to-point, or in-process for tests.
+
+The only module that touches `torch.distributed`. A gossip exchange sends each
+out-neighbour its own byte string and receives one from each in-neighbour; lengths go
+first so receivers can size their buffers. Collectives here (all-reduce, all-gather)
+serve the `allreduce` baseline and monitoring only: no aggregate replaces an adapter in
+gossip mode, and no process acts as a server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+Rank = int
+_LENGTH_TAG = 1
+_PAYLOAD_TAG = 2
+
+
+class TransportTimeout(RuntimeError):
+    """A neighbour sent nothing within the exchange timeout; the message names it."""
+
+
+class Transport(Protocol):
+    """What gossip needs from the network."""
+
+    rank: Rank
+    world_size: int
+
+    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int) -> dict[Rank, bytes]:
+        """Send `outgoing[j]` to each j, receive one message from each of `incoming_from`."""
+        ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over all peers (baseline averaging and monitoring only)."""
+        ...
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every peer's byte string, in rank order (run summary only)."""
+        ...
+
+
+def init_process_group(device: torch.device, timeout_s: float) -> None:
+    """Join the torchrun group: gloo on CPU, nccl on CUDA. The store only bootstraps."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+
+
+def shutdown() -> None:
+    """Leave the group (safe to call when it was never joined)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class TorchTransport:
+    """Point-to-point exchange over the default torch.distributed group."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = device or torch.device("cpu")
+
+    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int) -> dict[Rank, bytes]:
+        # Phase 1: lengths, so each receiver can allocate its buffer.
+        sent_lengths = {j: torch.tensor([len(b)], dtype=torch.int64, device=self.device) for j, b in outgoing.items()}
+        got_lengths = {j: torch.zeros(1, dtype=torch.int64, device=self.device) for j in incoming_from}
+        self._wait([dist.isend(t, dst=j, tag=_LENGTH_TAG) for j, t in sent_lengths.items()]
+                   + [dist.irecv(t, src=j, tag=_LENGTH_TAG) for j, t in got_lengths.items()])
+        # Phase 2: payloads (empty ones are not sent: both sides know the length is 0).
+        sent = {j: self._to_tensor(b) for j, b in outgoing.items() if b}
+        received = {j: torch.empty(int(t.item()), dtype=torch.uint8, device=self.device) for j, t in got_lengths.items()}
+        self._wait([dist.isend(t, dst=j, tag=_PAYLOAD_TAG) for j, t in sent.items()]
+                   + [dist.irecv(t, src=j, tag=_PAYLOAD_TAG) for j, t in received.items() if t.numel()])
+        return {j: t.cpu().numpy().tobytes() for j, t in received.items()}
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        work = tensor.detach().to(self.device, copy=True)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        return work.to(tensor.device)
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        length = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
+        dist.all_gather(lengths, length)
+        size = max(int(t.item()) for t in lengths)
+        padded = torch.zeros(size, dtype=torch.uint8, device=self.device)
+        if data:
+            padded[: len(data)] = self._to_tensor(data)
+        gathered = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        return [g[: int(n.item())].cpu().numpy().tobytes() for g, n in zip(gathered, lengths)]
+
+    def _to_tensor(self, data: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+
+    @staticmethod
+    def _wait(works: list) -> None:
+        for work in works:
+            work.wait()
+
+
+class LocalHub:
+    """Shared mailboxes for `LocalTransport` peers living as threads in one process."""
+
+    def __init__(self, world_size: int, timeout_s: float = 30.0) -> None:
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.mail: dict[tuple[Rank, Rank, int], bytes] = {}
+        self.pending: dict[tuple[str, int], list] = {}
+        self.condition = threading.Condition()
+
+    def transport(self, rank: Rank) -> "LocalTransport":
+        return LocalTransport(self, rank)
+
+
+class LocalTransport:
+    """In-process transport with the same interface, for tests and simulation."""
+
+    def __init__(self, hub: LocalHub, rank: Rank) -> None:
+        self.hub = hub
+        self.rank = rank
+        self.world_size = hub.world_size
+        self.calls = 0
+
+    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int) -> dict[Rank, bytes]:
+        hub = self.hub
+        with hub.condition:
+            for j, data in outgoing.items():
+                hub.mail[(self.rank, j, tag)] = bytes(data)
+            hub.condition.notify_all()
+            keys = [(j, self.rank, tag) for j in incoming_from]
+            if not hub.condition.wait_for(lambda: all(k in hub.mail for k in keys), timeout=hub.timeout_s):
+                missing = [k[0] for k in keys if k not in hub.mail]
+                raise TransportTimeout(f"peer {self.rank}, tag {tag}: no message from peer(s) {missing} within {hub.timeout_s:.0f} s")
+            return {k[0]: hub.mail.pop(k) for k in keys}
+
+    def _collective(self, kind: str, value):
+        """Every peer contributes one value; all get the list in rank order."""
+        hub = self.hub
+        self.calls += 1
+        key = (kind, self.calls)
+        with hub.condition:
+            slot = hub.pending.setdefault(key, [None] * self.world_size)
+            slot[self.rank] = value
+            hub.condition.notify_all()
+            if not hub.condition.wait_for(lambda: all(v is not None for v in slot), timeout=hub.timeout_s):
+                raise TransportTimeout(f"peer {self.rank}: collective {kind} timed out")
+            return list(slot)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self._collective("sum", tensor.detach().clone())).sum(dim=0)
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        return self._collective("gather", bytes(data))
