@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from p2pfed.codec import get_codec
 from p2pfed.config import Config, ConfigError, load_config
@@ -150,13 +151,17 @@ class Peer:
 
     @torch.no_grad()
     def samples(self) -> dict[str, str]:
-        """The same prompt completed by the base model and by this peer's adapter (greedy)."""
+        """The same prompt completed by the base model and by this peer's adapter (same sampling seed)."""
         self.model.eval()
         inputs = self.tokenizer(self.config.run.prompt, return_tensors="pt").to(self.device)
-        generate = dict(max_new_tokens=self.config.run.sample_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        with self.model.disable_adapter():
+        generate = dict(max_new_tokens=self.config.run.sample_tokens, do_sample=True, temperature=0.7, top_k=40,
+                        repetition_penalty=1.2, pad_token_id=self.tokenizer.pad_token_id)
+        with torch.random.fork_rng(), self.model.disable_adapter():
+            torch.manual_seed(self.config.run.seed)  # the same sampling noise for both
             base = self.model.generate(**inputs, **generate)
-        tuned = self.model.generate(**inputs, **generate)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.config.run.seed)
+            tuned = self.model.generate(**inputs, **generate)
         cut = inputs["input_ids"].shape[1]
         decode = lambda ids: self.tokenizer.decode(ids[0, cut:], skip_special_tokens=True)  # noqa: E731
         return {"prompt": self.config.run.prompt, "base": decode(base), "fine_tuned": decode(tuned)}
@@ -225,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     from p2pfed.transport import TorchTransport, init_process_group, shutdown
 
     argv = sys.argv[1:] if argv is None else argv
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation chatter, once per peer
+    transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if not argv:
         print("usage: python -m p2pfed.peer CONFIG [section.key=value ...]", file=sys.stderr)

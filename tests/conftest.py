@@ -1,0 +1,36 @@
+"""Shared test helpers: real gloo peers spawned as processes, and the tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "launch" / "configs" / "tiny.toml"
+
+
+def spawn_peers(worker, world_size: int, tmp_path: Path, *args) -> None:
+    """Run `worker(rank, world_size, store_path, *args)` in `world_size` real processes."""
+    store = tmp_path / "store"
+    mp.spawn(worker, args=(world_size, str(store), *args), nprocs=world_size, join=True)
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Call the installed `p2pfed` command the way a user does."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "p2pfed.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def tiny_config() -> Path:
+    return TINY
