@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from p2pfed.codec import get_codec
-from p2pfed.config import Config, ConfigError, load_config
+from p2pfed.config import Config, ConfigError, load_config, save_config
 from p2pfed.consensus import exact_consensus_distance
 from p2pfed.data import DataError, PeerData, load_peer_data
 from p2pfed.gossip import Averager, RoundStats
@@ -218,6 +218,9 @@ def run(config: Config, transport: Transport, device: torch.device) -> dict[str,
     """One peer's run, then the gathered summary (written by rank 0)."""
     started = time.perf_counter()
     peer = Peer(config, transport, device)
+    if peer.rank == 0:  # multi-node launches bypass `p2pfed run`: record what ran here too
+        Path(config.run.out).mkdir(parents=True, exist_ok=True)
+        save_config(config, Path(config.run.out) / "config.json")
     row = peer.run()
     rows = [json.loads(b) for b in transport.all_gather_bytes(json.dumps(row).encode())]
     if peer.rank == 0:
