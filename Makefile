@@ -5,9 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SUITE ?= quick
 
-.PHONY: install demo demo-local demo-allreduce test bench clean
+.PHONY: install demo demo-local demo-allreduce test clean
 
 install: $(STAMP)
 

@@ -56,3 +56,19 @@ def test_tiny_tokenizer_roundtrips_any_text_and_has_chat_template():
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert "<|im_start|>user\nhi<|im_end|>" in rendered
+
+
+def test_local_hugging_face_directory_loads(tmp_path):
+    tiny_model(len(tiny_tokenizer())).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    model, tokenizer = load_base(ModelSection(name=str(tmp_path / "m")))
+    assert model.config.num_hidden_layers == 2 and tokenizer.pad_token is not None
+
+
+def test_missing_model_is_one_clear_error(tmp_path):
+    import pytest
+
+    from p2pfed.model import ModelError
+
+    with pytest.raises(ModelError, match="cannot load"):
+        load_base(ModelSection(name=str(tmp_path / "nowhere")))

@@ -129,3 +129,14 @@ def test_draw_writes_png(tmp_path):
     topology = load_topology(ROOT / "topologies/torus16.toml", 16)
     draw(topology, tmp_path / "t.png", node_values={i: float(i) for i in range(16)}, label="ppl")
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_topology_show_cli(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("topology", "show", str(ROOT / "topologies/hypercube8.toml"), "--png", str(tmp_path / "h.png"))
+    assert result.returncode == 0, result.stderr
+    assert "peers      8" in result.stdout and "spectral gap 0.5000" in result.stdout
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    open_n = run_cli("topology", "show", str(ROOT / "topologies/ring.toml"))
+    assert open_n.returncode == 1 and "pass --peers N" in open_n.stderr
