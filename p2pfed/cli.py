@@ -1,4 +1,4 @@
-"""The `p2pfed` command: run (spawns torchrun here), peer (entry under torchrun), prepare, topology show."""
+"""The `p2pfed` command: run (spawns torchrun here), peer (entry under torchrun), prepare, keygen, topology show."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pathlib import Path
 
 from p2pfed.config import Config, ConfigError, load_config, save_config
 from p2pfed.data import DataError, shakespeare_dir
+from p2pfed.identity import IdentityError, keygen
 from p2pfed.model import EMBEDDED_NAME, ModelError, embedded_model_dir
 from p2pfed.topology import TopologyError, describe, draw, load_topology
 
-RUN_OUTPUTS = ("metrics", "adapters", "summary.md", "summary.json", "config.json")
+RUN_OUTPUTS = ("metrics", "adapters", "keys", "summary.md", "summary.json", "config.json")
 
 
 def prepare(config: Config) -> None:
@@ -48,6 +49,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare(config)
     out = Path(config.run.out)
     claim_run_dir(out, args.overwrite)
+    if config.gossip.mode == "gossip" and not config.identity.roster:
+        roster = keygen(config.run.peers, out / "keys")
+        print(f"[p2pfed] [identity] names no keys: created {config.run.peers} peer keys and {roster} for this run", flush=True)
     resolved = out / "config.json"
     save_config(config, resolved)
     threads = config.run.threads or max(1, (os.cpu_count() or 1) // config.run.peers)
@@ -64,6 +68,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     prepare(load_config(args.config, args.overrides))
     print("[p2pfed] model, data and topology are ready")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    existing = sorted(out.glob("peer*.pem")) + ([out / "roster.json"] if (out / "roster.json").exists() else [])
+    if existing and not args.overwrite:
+        raise IdentityError(f"{out}: already holds keys ({existing[0].name}); pass --overwrite to replace them")
+    roster = keygen(args.peers, out)
+    print(f"wrote {args.peers} private keys ({out}/peer{{rank}}.pem, mode 600) and the roster {roster}")
+    print(f'use them with: identity.roster="{roster}" identity.key="{out}/peer{{rank}}.pem"')
     return 0
 
 
@@ -112,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("overrides", nargs="*")
     prep.set_defaults(func=cmd_prepare)
 
+    keys = sub.add_parser("keygen", help="create peer keys (Ed25519 + X25519) and the roster of public keys")
+    keys.add_argument("--peers", type=int, required=True)
+    keys.add_argument("--out", required=True, help="directory for peer{rank}.pem and roster.json")
+    keys.add_argument("--overwrite", action="store_true")
+    keys.set_defaults(func=cmd_keygen)
+
     topo = sub.add_parser("topology", help="inspect topology files")
     topo_sub = topo.add_subparsers(dest="topology_command", required=True)
     show = topo_sub.add_parser("show", help="print n, degrees, spectral gap; draw a PNG")
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (ConfigError, TopologyError, DataError, ModelError) as err:
+    except (ConfigError, TopologyError, DataError, ModelError, IdentityError) as err:
         print(f"p2pfed: {err}", file=sys.stderr)
         return 1
 

@@ -148,6 +148,41 @@ class GossipSection:
 
 
 @dataclass(kw_only=True)
+class IdentitySection:
+    """Signing keys. Empty: `p2pfed run` creates keys and a roster in RUN_DIR/keys."""
+
+    roster: str = ""
+    """Roster JSON of every peer's public keys (from `p2pfed keygen`)."""
+    key: str = ""
+    """This peer's private key file; a template with {rank}, e.g. 'keys/peer{rank}.pem'."""
+
+    def check(self) -> None:
+        if bool(self.roster) != bool(self.key):
+            raise ConfigError("[identity] roster and key: give both (from `p2pfed keygen`) or neither")
+        if self.key and "{rank}" not in self.key:
+            raise ConfigError("[identity] key: expected a path template with {rank}, e.g. 'keys/peer{rank}.pem'")
+
+
+FAULT_KINDS = ("flip", "foreign_key", "replay", "misaddress")
+
+
+@dataclass(kw_only=True)
+class FaultSection:
+    """Fault injection for tests and demos: chosen peers misbehave through the real path."""
+
+    peers: list[int] = field(default_factory=list)
+    """Ranks that misbehave (empty: everyone is honest)."""
+    kind: str = "flip"
+    """'flip' (a payload bit), 'foreign_key' (signed with a key outside the roster),
+    'replay' (last round's message again), 'misaddress' (a message meant for a non-neighbour)."""
+    from_round: int = 1
+
+    def check(self) -> None:
+        _one_of(self, "kind", FAULT_KINDS)
+        _positive(self, "from_round")
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole run; one section per component."""
 
@@ -157,6 +192,8 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     gossip: GossipSection = field(default_factory=GossipSection)
+    identity: IdentitySection = field(default_factory=IdentitySection)
+    faults: FaultSection = field(default_factory=FaultSection)
 
     def check(self) -> None:
         for section in dataclasses.fields(self):
@@ -187,7 +224,7 @@ def _section_name(obj: Any) -> str:
     return type(obj).__name__.removesuffix("Section").lower()
 
 
-def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
+def _coerce(section: str, name: str, value: Any, default: Any, declared: str = "") -> Any:
     """Check `value` against the type of the field's default; ints are accepted for floats."""
     where = f"[{section}] {name}"
     if isinstance(default, bool):
@@ -207,8 +244,10 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     if isinstance(default, list):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        want_int = declared == "list[int]"
+        ok = (lambda v: isinstance(v, int) and not isinstance(v, bool)) if want_int else (lambda v: isinstance(v, str))
+        if not isinstance(value, list) or not all(ok(v) for v in value):
+            raise ConfigError(f"{where}: expected a list of {'integers' if want_int else 'strings'}, got {value!r}")
         return list(value)
     raise AssertionError(f"unsupported field type for {where}")  # internal invariant
 
@@ -227,12 +266,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                 raise ConfigError(f"[{name}]: expected a table of settings, got {values!r}")
             section_cls = known[name].default_factory  # type: ignore[misc]
             defaults = section_cls()
-            fields = {f.name for f in dataclasses.fields(defaults)}
+            fields = {f.name: str(f.type) for f in dataclasses.fields(defaults)}
             kwargs = {}
             for key, value in values.items():
                 if key not in fields:
                     raise ConfigError(f"[{name}] {key}: unknown setting; expected one of {', '.join(sorted(fields))}")
-                kwargs[key] = _coerce(name, key, value, getattr(defaults, key))
+                kwargs[key] = _coerce(name, key, value, getattr(defaults, key), fields[key])
             sections[name] = section_cls(**kwargs)
         config = Config(**sections)
         config.check()

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 from p2pfed.codec import CodecError, DenseCodec
+from p2pfed.faults import FaultInjector
+from p2pfed.identity import Identity, Roster
 from p2pfed.topology import Topology
 from p2pfed.transport import Transport
-from p2pfed.wire import WireError, open_envelope, seal
+from p2pfed.wire import Verifier, WireError, seal
 
 log = logging.getLogger("p2pfed.gossip")
 
@@ -29,6 +31,8 @@ class RoundStats:
     bytes_received: int = 0
     bytes_estimated: bool = False
     codec_s: float = 0.0
+    crypto_s: float = 0.0
+    """Signing and verifying."""
     comm_s: float = 0.0
     neighbours: list[int] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
@@ -39,14 +43,18 @@ class RoundStats:
 class Averager:
     """Mixes this peer's adapter vector with its neighbours' once per round."""
 
-    def __init__(self, transport: Transport, mode: str, codec: DenseCodec, topology: Topology | None) -> None:
-        if mode == "gossip" and topology is None:
-            raise ValueError("gossip mode needs a topology")
+    def __init__(self, transport: Transport, mode: str, codec: DenseCodec, topology: Topology | None,
+                 identity: Identity | None = None, roster: Roster | None = None, faults: FaultInjector | None = None) -> None:
+        if mode == "gossip" and (topology is None or identity is None or roster is None):
+            raise ValueError("gossip mode needs a topology, this peer's identity and the roster")
         self.transport = transport
         self.rank = transport.rank
         self.mode = mode
         self.codec = codec
         self.topology = topology
+        self.identity = identity
+        self.verifier = Verifier(self.rank, roster) if roster is not None else None
+        self.faults = faults
 
     def average(self, vector: torch.Tensor, round: int) -> tuple[torch.Tensor, RoundStats]:
         """Return the mixed vector for `round` and the round's costs."""
@@ -73,9 +81,14 @@ class Averager:
 
         start = time.perf_counter()
         payload = self.codec.encode(vector)
-        epoch = round % self.topology.period
-        outgoing = {j: seal(self.rank, j, round, 0, epoch, self.codec.id, payload) for j in receivers}
         stats.codec_s += time.perf_counter() - start
+        start = time.perf_counter()
+        epoch = round % self.topology.period
+        key = self.identity.signing
+        outgoing = {j: seal(key, self.rank, j, round, 0, epoch, self.codec.id, payload) for j in receivers}
+        stats.crypto_s += time.perf_counter() - start
+        if self.faults is not None:
+            outgoing = self.faults.corrupt(outgoing, round + 1)
         stats.bytes_sent = sum(len(m) for m in outgoing.values())
 
         start = time.perf_counter()
@@ -83,12 +96,11 @@ class Averager:
         stats.comm_s = time.perf_counter() - start
         stats.bytes_received = sum(len(m) for m in incoming.values())
 
-        start = time.perf_counter()
         self_weight = float(weights[self.rank])
         mixed = torch.zeros_like(vector, dtype=torch.float32)
         local_consensus = 0.0
         for j in sorted(incoming):  # fixed order: the same inputs give the same bits
-            neighbour = self._accept(incoming[j], j, round, vector.numel(), stats)
+            neighbour = self._accept(incoming[j], j, round, senders, vector.numel(), stats)
             if neighbour is None:
                 self_weight += float(weights[j])  # give the weight back: the row stays stochastic
                 continue
@@ -96,24 +108,24 @@ class Averager:
             local_consensus += float(weights[j]) * float((vector - neighbour).pow(2).sum())
         mixed.add_(vector, alpha=self_weight)
         stats.local_consensus = local_consensus
-        stats.codec_s += time.perf_counter() - start
         return mixed, stats
 
-    def _accept(self, message: bytes, sender: int, round: int, length: int, stats: RoundStats) -> torch.Tensor | None:
-        """Open, check and decode one neighbour's message; None (and a log line) if refused."""
+    def _accept(self, message: bytes, source: int, round: int, senders: list[int], length: int, stats: RoundStats) -> torch.Tensor | None:
+        """Verify and decode one neighbour's message; None (and one log line) if refused."""
+        assert self.verifier is not None
         try:
-            header, payload = open_envelope(message, self.codec.max_payload(length))
-            if header.receiver != self.rank:
-                raise WireError("receiver", f"addressed to peer {header.receiver}")
-            if header.sender != sender:
-                raise WireError("sender", f"claims to be from peer {header.sender}")
-            if header.round != round:
-                raise WireError("replay", f"is for round {header.round}")
-            if header.codec != self.codec.id:
-                raise WireError("codec", f"codec id {header.codec}, expected {self.codec.id}")
-            return self.codec.decode(payload, length)
+            start = time.perf_counter()
+            try:
+                payload = self.verifier.open(message, source, round, 0, senders, self.codec.max_payload(length), self.codec.id)
+            finally:
+                stats.crypto_s += time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                return self.codec.decode(payload, length)
+            finally:
+                stats.codec_s += time.perf_counter() - start
         except (WireError, CodecError) as err:
             reason = getattr(err, "reason", "codec")
             stats.rejected[reason] = stats.rejected.get(reason, 0) + 1
-            log.warning("peer %d, round %d: message from peer %d rejected: %s", self.rank, round, sender, err)
+            log.warning("peer %d, round %d: message from peer %d rejected: %s", self.rank, round + 1, source, err)
             return None

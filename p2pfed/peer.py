@@ -23,7 +23,9 @@ from p2pfed.codec import get_codec
 from p2pfed.config import Config, ConfigError, load_config, save_config
 from p2pfed.consensus import exact_consensus_distance
 from p2pfed.data import DataError, PeerData, load_peer_data
+from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager, RoundStats
+from p2pfed.identity import Identity, IdentityError, Roster, load_identity
 from p2pfed.metrics import MetricsWriter, mean_of, summary_table
 from p2pfed.model import ModelError, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
@@ -58,6 +60,22 @@ class RunPaths:
         return self.root / "summary.json"
 
 
+def key_paths(config: Config) -> tuple[Path, str]:
+    """The roster and the key template: from [identity], else the run directory's keys/."""
+    if config.identity.roster:
+        return Path(config.identity.roster), config.identity.key
+    return Path(config.run.out) / "keys" / "roster.json", str(Path(config.run.out) / "keys" / "peer{rank}.pem")
+
+
+def load_keys(config: Config, rank: int, world_size: int) -> tuple[Identity, Roster]:
+    """This peer's keys and the roster; stops before training if they do not fit."""
+    roster_path, key_template = key_paths(config)
+    roster = Roster.load(roster_path)
+    if len(roster) != world_size:
+        raise IdentityError(f"{roster_path}: the roster lists {len(roster)} peers but {world_size} were launched")
+    return load_identity(key_template.format(rank=rank), rank, roster), roster
+
+
 class Peer:
     """Holds one peer's model, data and averager; `run` does the rounds."""
 
@@ -77,8 +95,15 @@ class Peer:
         self.data: PeerData = load_peer_data(config.data, self.tokenizer, self.rank, transport.world_size, seed)
         sampler = BlockSampler(self.data.train, config.data.batch_size, seed * 100_003 + self.rank)
         self.trainer = LocalTrainer(self.model, config.train, sampler, device)
-        self.topology: Topology | None = load_topology(config.gossip.topology, transport.world_size) if config.gossip.mode == "gossip" else None
-        self.averager = Averager(transport, config.gossip.mode, get_codec(config.gossip.codec), self.topology)
+        self.topology: Topology | None = None
+        identity, roster, self.faults = None, None, None
+        if config.gossip.mode == "gossip":
+            self.topology = load_topology(config.gossip.topology, transport.world_size)
+            identity, roster = load_keys(config, self.rank, transport.world_size)
+            if self.rank in config.faults.peers:
+                self.faults = FaultInjector(config.faults, identity, transport.world_size, seed + self.rank)
+                log.warning("peer %d: fault injection on (%s from round %d)", self.rank, config.faults.kind, config.faults.from_round)
+        self.averager = Averager(transport, config.gossip.mode, get_codec(config.gossip.codec), self.topology, identity, roster, self.faults)
 
     def say(self, text: str) -> None:
         if self.loud:
@@ -123,6 +148,8 @@ class Peer:
             "round_s": sum(h["round_s"] for h in history) / n,
             "consensus_final": history[-1]["consensus"],
             "rejected": sum(sum(h["rejected"].values()) for h in history),
+            "injected": self.faults.injected if self.faults else 0,
+            "crypto_s_per_round": sum(h["crypto_s"] for h in history) / n,
         }
 
     def one_round(self, round: int, writer: MetricsWriter) -> dict[str, Any]:
@@ -169,7 +196,7 @@ class Peer:
 
 def _stats_fields(stats: RoundStats) -> dict[str, Any]:
     return {"bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received, "bytes_estimated": stats.bytes_estimated,
-            "codec_s": stats.codec_s, "comm_s": stats.comm_s, "neighbours": stats.neighbours, "rejected": stats.rejected,
+            "codec_s": stats.codec_s, "crypto_s": stats.crypto_s, "comm_s": stats.comm_s, "neighbours": stats.neighbours, "rejected": stats.rejected,
             "local_consensus": stats.local_consensus}
 
 
@@ -250,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             run(config, TorchTransport(device), device)
         finally:
             shutdown()
-    except (ConfigError, TopologyError, DataError, ModelError) as err:
+    except (ConfigError, TopologyError, DataError, ModelError, IdentityError) as err:
         print(f"p2pfed peer {rank}: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,20 +1,31 @@
-"""The envelope every gossip message travels in: a fixed binary header plus the payload.
+"""The envelope every gossip message travels in: header, Ed25519 signature, payload.
 
 The header is canonical (fixed-width little-endian fields, a version byte, the payload's
-SHA-256), so it can be signed as-is. Parsing is strict and never raises anything but
-`WireError`, whose `reason` is a short word the metrics count.
+SHA-256), and the signature covers it, so it covers the payload through the digest.
+Parsing is strict: lengths are checked before anything is read, and nothing but
+`WireError` escapes, whose `reason` is one word the metrics count.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from p2pfed.identity import Roster
 
 MAGIC = b"P2PF"
-VERSION = 1
-_HEADER = struct.Struct("<4sBBHIIIIIQ32s")
-HEADER_SIZE = _HEADER.size
+VERSION = 2
+HEADER_STRUCT = struct.Struct("<4sBBHIIIIIQ32s")
+HEADER_SIZE = HEADER_STRUCT.size
+SIGNATURE_SIZE = 64
+OVERHEAD = HEADER_SIZE + SIGNATURE_SIZE
+
+REASONS = ("truncated", "malformed", "version", "oversized", "unknown_sender", "bad_signature", "digest",
+           "wrong_receiver", "not_neighbour", "replay", "codec")
 
 
 class WireError(ValueError):
@@ -39,26 +50,56 @@ class Header:
     digest: bytes
 
 
-def seal(sender: int, receiver: int, round: int, step: int, epoch: int, codec: int, payload: bytes) -> bytes:
-    """Serialise header + payload."""
-    header = _HEADER.pack(MAGIC, VERSION, codec, 0, sender, receiver, round, step, epoch, len(payload), hashlib.sha256(payload).digest())
-    return header + payload
+def seal(key: Ed25519PrivateKey, sender: int, receiver: int, round: int, step: int, epoch: int, codec: int, payload: bytes) -> bytes:
+    """Serialise and sign: header || signature(header) || payload."""
+    header = HEADER_STRUCT.pack(MAGIC, VERSION, codec, 0, sender, receiver, round, step, epoch, len(payload), hashlib.sha256(payload).digest())
+    return header + key.sign(header) + payload
 
 
-def open_envelope(data: bytes, max_payload: int) -> tuple[Header, bytes]:
-    """Parse and check framing and digest; lengths are checked before anything is read."""
-    if len(data) < HEADER_SIZE:
-        raise WireError("truncated", f"{len(data)} bytes, shorter than the {HEADER_SIZE}-byte header")
-    magic, version, codec, _, sender, receiver, round, step, epoch, length, digest = _HEADER.unpack_from(data)
+def parse(data: bytes, max_payload: int) -> tuple[Header, bytes, bytes, bytes]:
+    """Framing only: (header, header bytes, signature, payload); no cryptography yet."""
+    if len(data) < OVERHEAD:
+        raise WireError("truncated", f"{len(data)} bytes, shorter than the {OVERHEAD}-byte header and signature")
+    magic, version, codec, _, sender, receiver, round, step, epoch, length, digest = HEADER_STRUCT.unpack_from(data)
     if magic != MAGIC:
         raise WireError("malformed", "not a p2pfed envelope (bad magic)")
     if version != VERSION:
         raise WireError("version", f"protocol version {version}, expected {VERSION}")
     if length > max_payload:
         raise WireError("oversized", f"payload of {length} bytes exceeds the {max_payload} allowed")
-    if len(data) != HEADER_SIZE + length:
-        raise WireError("truncated", f"header announces {length} payload bytes, got {len(data) - HEADER_SIZE}")
-    payload = data[HEADER_SIZE:]
-    if hashlib.sha256(payload).digest() != digest:
-        raise WireError("digest", "payload does not match its SHA-256 digest")
-    return Header(sender, receiver, round, step, epoch, codec, length, digest), payload
+    if len(data) != OVERHEAD + length:
+        raise WireError("truncated", f"header announces {length} payload bytes, got {len(data) - OVERHEAD}")
+    header = Header(sender, receiver, round, step, epoch, codec, length, digest)
+    return header, data[:HEADER_SIZE], data[HEADER_SIZE:OVERHEAD], data[OVERHEAD:]
+
+
+@dataclass
+class Verifier:
+    """Checks every incoming envelope for one peer; remembers what it accepted (replays)."""
+
+    rank: int
+    roster: Roster
+    accepted: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def open(self, data: bytes, source: int, round: int, step: int, neighbours: list[int], max_payload: int, codec: int) -> bytes:
+        """Return the payload of a message `source` delivered for (round, step), or raise WireError."""
+        header, header_bytes, signature, payload = parse(data, max_payload)
+        keys = self.roster.get(header.sender)
+        if keys is None:
+            raise WireError("unknown_sender", f"sender {header.sender} is not in the roster")
+        try:
+            keys.signing.verify(signature, header_bytes)
+        except InvalidSignature:
+            raise WireError("bad_signature", f"signature does not verify against peer {header.sender}'s roster key") from None
+        if hashlib.sha256(payload).digest() != header.digest:
+            raise WireError("digest", "payload does not match the signed SHA-256 digest")
+        if header.receiver != self.rank:
+            raise WireError("wrong_receiver", f"addressed to peer {header.receiver}")
+        if header.sender != source or header.sender not in neighbours:
+            raise WireError("not_neighbour", f"from peer {header.sender}, not a neighbour of peer {self.rank} this round")
+        if (header.round, header.step) != (round, step) or self.accepted.get(header.sender, (-1, -1)) >= (round, step):
+            raise WireError("replay", f"is for round {header.round} step {header.step}, expected round {round} step {step}")
+        if header.codec != codec:
+            raise WireError("codec", f"codec id {header.codec}, expected {codec}")
+        self.accepted[header.sender] = (round, step)
+        return payload

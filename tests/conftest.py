@@ -21,6 +21,14 @@ def spawn_peers(worker, world_size: int, tmp_path: Path, *args) -> None:
     mp.spawn(worker, args=(world_size, str(store), *args), nprocs=world_size, join=True)
 
 
+def identities(world_size: int):
+    """Fresh keys for `world_size` peers and their roster (in memory)."""
+    from p2pfed.identity import Roster, generate
+
+    peers = [generate(rank) for rank in range(world_size)]
+    return peers, Roster({p.rank: p.public() for p in peers})
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """Call the installed `p2pfed` command the way a user does."""
     full_env = {**os.environ, **(env or {})}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import identities
 from p2pfed.codec import get_codec
 from p2pfed.gossip import Averager
 from p2pfed.topology import load_topology
@@ -28,13 +29,14 @@ def run_round(world: int, tamper_rank: int | None):
     hub = LocalHub(world, timeout_s=10)
     topology = load_topology(ROOT / "topologies/ring.toml", world)
     vectors = [torch.full((8,), float(r)) for r in range(world)]
+    keys, roster = identities(world)
     results: dict = {}
 
     def peer(rank):
         transport = hub.transport(rank)
         if rank == tamper_rank:
             transport = Tampering(transport)
-        results[rank] = Averager(transport, "gossip", get_codec("fp32"), topology).average(vectors[rank], 0)
+        results[rank] = Averager(transport, "gossip", get_codec("fp32"), topology, keys[rank], roster).average(vectors[rank], 0)
 
     threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
     [t.start() for t in threads]

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import spawn_peers
+from p2pfed.identity import Roster
 from p2pfed.codec import get_codec
 from p2pfed.consensus import consensus_distance_of, exact_consensus_distance
 from p2pfed.gossip import Averager
@@ -24,12 +25,26 @@ def start_vector(rank: int) -> torch.Tensor:
     return torch.randn(DIM, generator=torch.Generator().manual_seed(100 + rank))
 
 
+def deterministic_identity(rank: int):
+    """Every process must agree on the roster without a file: derive keys from the rank."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from p2pfed.identity import Identity
+
+    seed = bytes([rank + 1]) * 32
+    return Identity(rank, Ed25519PrivateKey.from_private_bytes(seed), X25519PrivateKey.from_private_bytes(seed))
+
+
 def gossip_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     transport = TorchTransport()
+    keys = [deterministic_identity(r) for r in range(world)]
+    roster = Roster({k.rank: k.public() for k in keys})
+    signed = (keys[rank], roster)
     result: dict = {}
     # 1) plain gossip on a ring: record the exact consensus distance every round
-    ring = Averager(transport, "gossip", get_codec("fp32"), load_topology(ROOT / "topologies/ring.toml", world))
+    ring = Averager(transport, "gossip", get_codec("fp32"), load_topology(ROOT / "topologies/ring.toml", world), *signed)
     x = start_vector(rank)
     distances = [exact_consensus_distance(x, transport)]
     for t in range(12):
@@ -42,7 +57,7 @@ def gossip_worker(rank: int, world: int, store: str, out: str) -> None:
     mean, _ = Averager(transport, "allreduce", get_codec("fp32"), None).average(start_vector(rank), 0)
     result["allreduce"] = mean.tolist()
     # 3) one-peer exponential on 4 peers: exact after log2(4) = 2 rounds, one message each
-    onepeer = Averager(transport, "gossip", get_codec("fp32"), load_topology(ROOT / "topologies/onepeer-exponential.toml", world))
+    onepeer = Averager(transport, "gossip", get_codec("fp32"), load_topology(ROOT / "topologies/onepeer-exponential.toml", world), *signed)
     y = start_vector(rank)
     for t in range(2):
         y, stats = onepeer.average(y, t)
