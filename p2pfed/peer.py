@@ -164,7 +164,7 @@ class Peer:
         consensus = exact_consensus_distance(mixed, self.transport)
         monitor_s = time.perf_counter() - start
         record: dict[str, Any] = {"rank": self.rank, "round": round, "train_loss": train_loss, "compute_s": compute_s, **_stats_fields(stats),
-                                  "consensus": consensus, "monitor_s": monitor_s}
+                                  "consensus": consensus, "monitor_s": monitor_s, "injected": self.faults.injected if self.faults else 0}
         if round % cfg.run.eval_every == 0 or round == cfg.run.rounds:
             start = time.perf_counter()
             record.update(self.evaluate())
