@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, read_jsonl
+from conftest import ROOT, TINY, read_jsonl, run_cli
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -22,7 +22,10 @@ def test_two_node_launch_on_localhost(tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
     out = tmp_path / "run"
     env = {**os.environ, "PYTHON": sys.executable}
-    command = [str(ROOT / "launch" / "multinode.sh"), str(TINY), "2", "2", endpoint, "two-nodes", f"run.out={out}", "run.rounds=2"]
+    keys = tmp_path / "keys"
+    assert run_cli("keygen", "--peers", "4", "--out", str(keys)).returncode == 0  # made once, shared out of band
+    command = [str(ROOT / "launch" / "multinode.sh"), str(TINY), "2", "2", endpoint, "two-nodes", f"run.out={out}", "run.rounds=2",
+               f"identity.roster={keys / 'roster.json'}", f"identity.key={keys / 'peer{rank}.pem'}"]
     nodes = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-2000:] for o in outputs)
