@@ -1,6 +1,8 @@
 """Through torchrun: a peer injecting bad messages is refused by every honest neighbour, training goes on."""
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import TINY, read_jsonl, run_cli
 
@@ -22,3 +24,11 @@ def test_injected_messages_are_all_rejected_and_honest_peers_agree(tmp_path, kin
     for r in (0, 2, 3):
         assert rows[r][-1]["train_loss"] < rows[r][0]["train_loss"] + 0.05 and rows[r][-1]["crypto_s"] > 0
     assert rows[1][-1]["rejected"] == {}  # the faulty peer itself hears honest messages
+
+    # The honest peers stay in consensus among themselves: their trained B factors (which all
+    # start at zero) differ from the honest mean by far less than the mean itself.
+    honest = [load_file(out / "adapters" / f"peer{r}" / "adapter_model.safetensors") for r in (0, 2, 3)]
+    b_keys = [k for k in honest[0] if "lora_B" in k]
+    vectors = torch.stack([torch.cat([h[k].flatten() for k in b_keys]) for h in honest])
+    spread = (vectors - vectors.mean(dim=0)).norm(dim=1).max()
+    assert 0 < spread < 0.5 * vectors.mean(dim=0).norm()
