@@ -7,7 +7,6 @@ global eval set for the embedded data. Everything is tokenised into fixed-length
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -213,8 +212,9 @@ def load_peer_data(section: DataSection, tokenizer: PreTrainedTokenizerBase, ran
         documents = works if section.split == "play" else [r for w in works for r in speaking_roles(w)]
         shards = assign(documents, peers, seed)
         mine = shards[rank]
-        parts = [hold_out(d, section.eval_fraction) for d in mine]
-        everyone_held_out = [hold_out(d, section.eval_fraction)[1] for shard in shards for d in shard]
+        splits = {d[0]: hold_out(d, section.eval_fraction) for shard in shards for d in shard}
+        parts = [splits[d[0]] for d in mine]
+        everyone_held_out = [held for _, held in splits.values()]
         train = _blocks_or_error([p[0] for p in parts], tokenizer, section, f"peer {rank} train split")
         own = _blocks_or_error([p[1] for p in parts], tokenizer, section, f"peer {rank} held-out split")
         global_eval = to_blocks(everyone_held_out, tokenizer, section.block_size)
@@ -233,7 +233,3 @@ def load_peer_data(section: DataSection, tokenizer: PreTrainedTokenizerBase, ran
     global_eval = spread(global_eval, section.eval_blocks) if global_eval is not None else None
     return PeerData(train=train, own_eval=spread(own, section.eval_blocks), global_eval=global_eval, description=description)
 
-
-def fingerprint(blocks: torch.Tensor) -> str:
-    """Short digest of a block tensor: lets tests and logs confirm peers hold different data."""
-    return hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:12]

@@ -24,8 +24,6 @@ HEADER_SIZE = HEADER_STRUCT.size
 SIGNATURE_SIZE = 64
 OVERHEAD = HEADER_SIZE + SIGNATURE_SIZE
 
-REASONS = ("truncated", "malformed", "version", "oversized", "unknown_sender", "bad_signature", "digest",
-           "wrong_receiver", "not_neighbour", "replay", "codec")
 
 
 class WireError(ValueError):

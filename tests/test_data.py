@@ -103,6 +103,6 @@ def test_shakespeare_by_play_gives_disjoint_plays():
 
 def test_shakespeare_by_role():
     works = shakespeare_works(shakespeare_dir())
-    roles = speaking_roles(dict(works)["hamlet"] and ("hamlet", dict(works)["hamlet"]))
+    roles = speaking_roles(("hamlet", dict(works)["hamlet"]))
     names = {n.split("/")[1] for n, _ in roles}
     assert {"HAM", "HOR"} <= names
