@@ -135,16 +135,54 @@ class GossipSection:
     server, a baseline), 'local' (no communication, a baseline)."""
     topology: str = "topologies/ring.toml"
     codec: str = "fp32"
+    """Value encoding (fp32, fp16, bf16, int8, int4), optionally after a structure and '+':
+    'topk+int8', 'randk+fp16', 'lowrank+int8'. Numbers they leave open are in [codec]."""
+    algorithm: str = "plain"
+    """'plain': mix what neighbours sent as if exact; 'choco': CHOCO-gossip (Koloskova et
+    al. 2019) on public copies, moving toward them with step `gamma`."""
+    gamma: float = 0.5
+    """CHOCO consensus step size in (0, 1]."""
+    error_feedback: str = "auto"
+    """'on': send each round's change plus what the codec dropped before (receivers keep a
+    copy of each neighbour); 'off': send the compressed adapter itself; 'auto': on for
+    biased codecs (topk, randk, lowrank), off for the others. CHOCO is always 'on'."""
     timeout_s: float = 300.0
     """How long a peer waits for its neighbours before giving up."""
 
     def check(self) -> None:
-        from p2pfed.codec import CODECS
+        from p2pfed.codec import CodecError, parse_spec
 
         _one_of(self, "mode", ("gossip", "allreduce", "local"))
-        _one_of(self, "codec", tuple(CODECS))
+        _one_of(self, "algorithm", ("plain", "choco"))
+        _one_of(self, "error_feedback", ("auto", "on", "off"))
+        try:
+            parse_spec(self.codec)
+        except CodecError as err:
+            raise ConfigError(str(err)) from None
+        if not 0.0 < self.gamma <= 1.0:
+            raise ConfigError(f"[gossip] gamma: expected a number in (0, 1], got {self.gamma}")
+        if self.algorithm == "choco" and self.error_feedback == "off":
+            raise ConfigError("[gossip] error_feedback: CHOCO-gossip always carries what the codec dropped (its public copies are "
+                              "error feedback); use 'auto' or 'on', or algorithm = 'plain'")
         if self.timeout_s <= 0:
             raise ConfigError(f"[gossip] timeout_s: expected a positive number, got {self.timeout_s}")
+
+
+@dataclass(kw_only=True)
+class CodecSection:
+    """The numbers a codec spec leaves open."""
+
+    fraction: float = 0.1
+    """topk / randk: share of the coordinates each message carries."""
+    rank: int = 2
+    """lowrank: rank of the factors sent for each adapter matrix."""
+    chunk: int = 256
+    """int8 / int4: values sharing one fp32 scale."""
+
+    def check(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"[codec] fraction: expected a number in (0, 1], got {self.fraction}")
+        _positive(self, "rank", "chunk")
 
 
 @dataclass(kw_only=True)
@@ -192,6 +230,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     gossip: GossipSection = field(default_factory=GossipSection)
+    codec: CodecSection = field(default_factory=CodecSection)
     identity: IdentitySection = field(default_factory=IdentitySection)
     faults: FaultSection = field(default_factory=FaultSection)
 

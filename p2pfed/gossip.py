@@ -3,6 +3,13 @@
 Orchestration only: the codec, the envelope and the transport hold the logic. Three modes
 share this path so baselines are honest: `gossip` (neighbours on the topology), `allreduce`
 (exact mean every round, FedAvg without a server), `local` (no communication).
+
+Compressed gossip comes in two shapes. Stateless: each message is the compressed adapter
+(right for unbiased codecs). Stateful (error feedback, CHOCO): each message is the
+compressed change since the last one plus what the codec dropped before, and every peer
+keeps a public copy x_hat_j of each neighbour (and of itself) that the messages update
+identically on both ends. Plain mixing uses the copies as the neighbours' adapters; CHOCO
+moves x_i by gamma * sum_j W_ij (x_hat_j - x_hat_i), which keeps the network mean.
 """
 
 from __future__ import annotations
@@ -13,12 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from p2pfed.codec import CodecError, DenseCodec
+from p2pfed.codec import Codec, CodecError, Decoded, ErrorFeedback
+from p2pfed.config import ConfigError
 from p2pfed.faults import FaultInjector
 from p2pfed.identity import Identity, Roster
 from p2pfed.topology import Topology
 from p2pfed.transport import Transport
-from p2pfed.wire import Verifier, WireError, seal
+from p2pfed.wire import OVERHEAD, Verifier, WireError, seal
 
 log = logging.getLogger("p2pfed.gossip")
 
@@ -30,6 +38,8 @@ class RoundStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_estimated: bool = False
+    bytes_fp32: int = 0
+    """What the same messages would have weighed as uncompressed fp32 envelopes."""
     codec_s: float = 0.0
     crypto_s: float = 0.0
     """Signing and verifying."""
@@ -43,8 +53,10 @@ class RoundStats:
 class Averager:
     """Mixes this peer's adapter vector with its neighbours' once per round."""
 
-    def __init__(self, transport: Transport, mode: str, codec: DenseCodec, topology: Topology | None,
-                 identity: Identity | None = None, roster: Roster | None = None, faults: FaultInjector | None = None) -> None:
+    def __init__(self, transport: Transport, mode: str, codec: Codec, topology: Topology | None,
+                 identity: Identity | None = None, roster: Roster | None = None, faults: FaultInjector | None = None,
+                 *, algorithm: str = "plain", gamma: float = 0.5, error_feedback: bool = False,
+                 initial: torch.Tensor | None = None) -> None:
         if mode == "gossip" and (topology is None or identity is None or roster is None):
             raise ValueError("gossip mode needs a topology, this peer's identity and the roster")
         self.transport = transport
@@ -55,6 +67,20 @@ class Averager:
         self.identity = identity
         self.verifier = Verifier(self.rank, roster) if roster is not None else None
         self.faults = faults
+        self.algorithm = algorithm
+        self.gamma = gamma
+        self.stateful = mode == "gossip" and (algorithm == "choco" or error_feedback)
+        if self.stateful and topology is not None and topology.period > 1:
+            raise ConfigError("[gossip] algorithm/error_feedback: CHOCO and error feedback keep a copy of each neighbour, "
+                              f"so they need a static topology; {topology.source} changes neighbours every round")
+        self.feedback = ErrorFeedback(codec) if self.stateful else None
+        self.initial = initial
+        """The common starting adapter: every public copy starts there (zeros if not given)."""
+        self.last_sent: torch.Tensor | None = None
+        self.own_copy: torch.Tensor | None = None
+        self.copies: dict[int, torch.Tensor] = {}
+        self.lost: set[int] = set()
+        """Neighbours whose copy fell out of step (a refused message); no longer mixed."""
 
     def average(self, vector: torch.Tensor, round: int) -> tuple[torch.Tensor, RoundStats]:
         """Return the mixed vector for `round` and the round's costs."""
@@ -70,47 +96,83 @@ class Averager:
         mean = self.transport.all_reduce_sum(vector) / n
         # A ring all-reduce moves 2(n-1)/n of the vector each way; gloo does not report bytes.
         estimate = int(2 * (n - 1) / n * vector.numel() * 4)
-        return mean, RoundStats(bytes_sent=estimate, bytes_received=estimate, bytes_estimated=True, comm_s=time.perf_counter() - start, neighbours=[])
+        return mean, RoundStats(bytes_sent=estimate, bytes_received=estimate, bytes_estimated=True, bytes_fp32=estimate, comm_s=time.perf_counter() - start, neighbours=[])
 
     def _gossip(self, vector: torch.Tensor, round: int) -> tuple[torch.Tensor, RoundStats]:
-        assert self.topology is not None
+        assert self.topology is not None and self.identity is not None
         weights = self.topology.weights(round)[self.rank]
         senders = self.topology.in_neighbours(self.rank, round)
         receivers = self.topology.out_neighbours(self.rank, round)
         stats = RoundStats(neighbours=senders)
 
         start = time.perf_counter()
-        payload = self.codec.encode(vector)
+        payload = self._encode(vector, round)
         stats.codec_s += time.perf_counter() - start
         start = time.perf_counter()
         epoch = round % self.topology.period
-        key = self.identity.signing
-        outgoing = {j: seal(key, self.rank, j, round, 0, epoch, self.codec.id, payload) for j in receivers}
+        outgoing = {j: seal(self.identity.signing, self.rank, j, round, 0, epoch, self.codec.id, payload) for j in receivers}
         stats.crypto_s += time.perf_counter() - start
         if self.faults is not None:
             outgoing = self.faults.corrupt(outgoing, round + 1)
         stats.bytes_sent = sum(len(m) for m in outgoing.values())
+        stats.bytes_fp32 = len(outgoing) * (OVERHEAD + 4 * vector.numel())
 
         start = time.perf_counter()
         incoming = self.transport.exchange(outgoing, senders, tag=round)
         stats.comm_s = time.perf_counter() - start
         stats.bytes_received = sum(len(m) for m in incoming.values())
 
-        self_weight = float(weights[self.rank])
-        mixed = torch.zeros_like(vector, dtype=torch.float32)
-        local_consensus = 0.0
+        heard: dict[int, torch.Tensor] = {}
         for j in sorted(incoming):  # fixed order: the same inputs give the same bits
-            neighbour = self._accept(incoming[j], j, round, senders, vector.numel(), stats)
-            if neighbour is None:
-                self_weight += float(weights[j])  # give the weight back: the row stays stochastic
-                continue
-            mixed.add_(neighbour, alpha=float(weights[j]))
-            local_consensus += float(weights[j]) * float((vector - neighbour).pow(2).sum())
-        mixed.add_(vector, alpha=self_weight)
-        stats.local_consensus = local_consensus
+            message = self._accept(incoming[j], j, round, senders, vector.numel(), stats)
+            if message is not None and j not in self.lost:
+                heard[j] = self._neighbour_value(j, message, vector)
+            elif message is None and self.stateful and j not in self.lost:
+                self.lost.add(j)
+                log.warning("peer %d: no longer mixing peer %d: its public copy fell out of step with a refused message", self.rank, j)
+        mixed = self._mix(vector, heard, weights)
+        stats.local_consensus = sum(float(weights[j]) * float((vector - value).pow(2).sum()) for j, value in heard.items())
         return mixed, stats
 
-    def _accept(self, message: bytes, source: int, round: int, senders: list[int], length: int, stats: RoundStats) -> torch.Tensor | None:
+    def _encode(self, vector: torch.Tensor, round: int) -> bytes:
+        """Stateless: the compressed adapter. Stateful: the change since the last message plus the residual."""
+        if self.feedback is None:
+            return self.codec.encode(vector, round, 0)
+        if self.last_sent is None:
+            self.last_sent = self._start_point(vector)
+            self.own_copy = self.last_sent.clone()
+        payload, decoded = self.feedback.encode(vector - self.last_sent, round, 0)
+        self.own_copy += decoded
+        self.last_sent = vector.detach().clone()
+        return payload
+
+    def _start_point(self, vector: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(vector) if self.initial is None else self.initial.detach().to(vector.dtype).clone()
+
+    def _neighbour_value(self, j: int, message: Decoded, vector: torch.Tensor) -> torch.Tensor:
+        """What this peer takes as neighbour j's adapter: the updated copy, or the message (own values where it is silent)."""
+        if not self.stateful:
+            return message.fill(vector)
+        if j not in self.copies:
+            self.copies[j] = self._start_point(vector)
+        self.copies[j] += message.values
+        return self.copies[j]
+
+    def _mix(self, vector: torch.Tensor, heard: dict[int, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """Plain: W_ii x_i + sum_j W_ij x_j (a missing neighbour's weight goes to self). CHOCO: the gamma step."""
+        if self.algorithm == "choco":
+            assert self.own_copy is not None
+            pull = torch.zeros_like(vector)
+            for j in sorted(heard):
+                pull.add_(heard[j] - self.own_copy, alpha=float(weights[j]))
+            return vector + self.gamma * pull
+        self_weight = 1.0 - sum(float(weights[j]) for j in heard)
+        mixed = vector * self_weight
+        for j in sorted(heard):
+            mixed.add_(heard[j], alpha=float(weights[j]))
+        return mixed
+
+    def _accept(self, message: bytes, source: int, round: int, senders: list[int], length: int, stats: RoundStats) -> Decoded | None:
         """Verify and decode one neighbour's message; None (and one log line) if refused."""
         assert self.verifier is not None
         try:
@@ -121,7 +183,7 @@ class Averager:
                 stats.crypto_s += time.perf_counter() - start
             start = time.perf_counter()
             try:
-                return self.codec.decode(payload, length)
+                return self.codec.decode(payload, length, round, 0)
             finally:
                 stats.codec_s += time.perf_counter() - start
         except (WireError, CodecError) as err:

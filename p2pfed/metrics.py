@@ -41,15 +41,16 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table, one row per peer: perplexities before/after, bytes, seconds."""
     header = (
         "| peer | global ppl before | global ppl after | own ppl before | own ppl after "
-        "| bytes/round sent | compute s/round | crypto s/round | comm s/round | rejected |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| bytes/round sent | vs fp32 | compute s/round | codec s/round | crypto s/round | comm s/round | rejected |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [header]
     for r in rows:
         lines.append(
             f"| {r['rank']} | {_fmt(r['global_ppl_before'])} | {_fmt(r['global_ppl_after'])} "
             f"| {_fmt(r['own_ppl_before'])} | {_fmt(r['own_ppl_after'])} | {r['bytes_per_round']:,.0f}"
-            f"{' (est.)' if r.get('bytes_estimated') else ''} | {r['compute_s_per_round']:.2f} | {r['crypto_s_per_round']:.4f} "
+            f"{' (est.)' if r.get('bytes_estimated') else ''} | {_fmt(r.get('compression'), '.1f')}{'x' if r.get('compression') else ''} | {r['compute_s_per_round']:.2f} "
+            f"| {r['codec_s_per_round']:.4f} | {r['crypto_s_per_round']:.4f} "
             f"| {r['comm_s_per_round']:.3f} | {r['rejected']} |"
         )
     return "\n".join(lines)

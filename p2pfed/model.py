@@ -169,6 +169,11 @@ def shared_parameters(model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
     return sorted(named, key=lambda item: item[0])
 
 
+def adapter_layout(model: PeftModel) -> list[tuple[int, ...]]:
+    """Shapes of the shared parameters, in vector order (low-rank codecs need the matrices)."""
+    return [tuple(p.shape) for _, p in shared_parameters(model)]
+
+
 def adapter_to_vector(model: PeftModel) -> torch.Tensor:
     """Flatten the shared adapter parameters into one fp32 CPU vector."""
     return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for _, p in shared_parameters(model)])

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import transformers
 
-from p2pfed.codec import get_codec
+from p2pfed.codec import CodecSettings, build_codec
 from p2pfed.config import Config, ConfigError, load_config, save_config
 from p2pfed.consensus import exact_consensus_distance
 from p2pfed.data import DataError, PeerData, load_peer_data
@@ -27,7 +27,7 @@ from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager, RoundStats
 from p2pfed.identity import Identity, IdentityError, Roster, load_identity
 from p2pfed.metrics import MetricsWriter, mean_of, summary_table
-from p2pfed.model import ModelError, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
+from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
 from p2pfed.train import BlockSampler, LocalTrainer, evaluate
 from p2pfed.transport import Transport
@@ -103,7 +103,16 @@ class Peer:
             if self.rank in config.faults.peers:
                 self.faults = FaultInjector(config.faults, identity, transport.world_size, seed + self.rank)
                 log.warning("peer %d: fault injection on (%s from round %d)", self.rank, config.faults.kind, config.faults.from_round)
-        self.averager = Averager(transport, config.gossip.mode, get_codec(config.gossip.codec), self.topology, identity, roster, self.faults)
+        self.averager = self._averager(identity, roster)
+
+    def _averager(self, identity: Identity | None, roster: Roster | None) -> Averager:
+        cfg = self.config
+        settings = CodecSettings(fraction=cfg.codec.fraction, rank=cfg.codec.rank, chunk=cfg.codec.chunk, seed=cfg.run.seed)
+        codec = build_codec(cfg.gossip.codec, settings, self.rank, adapter_layout(self.model))
+        feedback = cfg.gossip.error_feedback == "on" or (cfg.gossip.error_feedback == "auto" and codec.biased)
+        return Averager(self.transport, cfg.gossip.mode, codec, self.topology, identity, roster, self.faults,
+                        algorithm=cfg.gossip.algorithm, gamma=cfg.gossip.gamma, error_feedback=feedback,
+                        initial=adapter_to_vector(self.model))
 
     def say(self, text: str) -> None:
         if self.loud:
@@ -122,7 +131,8 @@ class Peer:
         """All rounds; returns this peer's summary row."""
         cfg = self.config
         size = adapter_to_vector(self.model).numel()
-        self.say(f"[p2pfed] {cfg.run.peers} peers, mode {cfg.gossip.mode}, {cfg.run.rounds} rounds x {cfg.run.local_steps} local steps, "
+        self.say(f"[p2pfed] {cfg.run.peers} peers, mode {cfg.gossip.mode} (codec {cfg.gossip.codec}, {cfg.gossip.algorithm}), "
+                 f"{cfg.run.rounds} rounds x {cfg.run.local_steps} local steps, "
                  f"model {cfg.model.name}, adapter {size:,} values ({size * 4 / 1e6:.2f} MB fp32), run dir {self.paths.root}")
         if self.topology is not None:
             self.say(describe(self.topology))
@@ -142,6 +152,9 @@ class Peer:
             "own_ppl_before": first["own_ppl"], "own_ppl_after": last["own_ppl"],
             "train_loss_first": history[0]["train_loss"], "train_loss_last": history[-1]["train_loss"],
             "bytes_per_round": sum(h["bytes_sent"] for h in history) / n,
+            "bytes_total": sum(h["bytes_sent"] for h in history),
+            "compression": _ratio(sum(h["bytes_fp32"] for h in history), sum(h["bytes_sent"] for h in history)),
+            "codec_s_per_round": sum(h["codec_s"] for h in history) / n,
             "bytes_estimated": history[-1]["bytes_estimated"],
             "compute_s_per_round": sum(h["compute_s"] for h in history) / n,
             "comm_s_per_round": sum(h["comm_s"] for h in history) / n,
@@ -195,9 +208,23 @@ class Peer:
 
 
 def _stats_fields(stats: RoundStats) -> dict[str, Any]:
-    return {"bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received, "bytes_estimated": stats.bytes_estimated,
+    return {"bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received, "bytes_estimated": stats.bytes_estimated, "bytes_fp32": stats.bytes_fp32,
             "codec_s": stats.codec_s, "crypto_s": stats.crypto_s, "comm_s": stats.comm_s, "neighbours": stats.neighbours, "rejected": stats.rejected,
             "local_consensus": stats.local_consensus}
+
+
+def _ratio(uncompressed: int, sent: int) -> float | None:
+    """How many times fewer bytes than fp32 envelopes (None when nothing was sent)."""
+    return uncompressed / sent if sent else None
+
+
+def _bytes_line(config: Config, info: dict[str, Any]) -> str:
+    if config.gossip.mode == "local":
+        return "No messages (mode `local`)."
+    ratio = f", {info['compression']:.1f}x fewer than fp32 envelopes" if info["compression"] else ""
+    estimated = " (estimated for a ring all-reduce)" if config.gossip.mode == "allreduce" else ""
+    return (f"Bytes sent{estimated}: {info['bytes_total']:,} in total, {info['bytes_per_peer_per_round']:,.0f} per peer per round; "
+            f"codec `{config.gossip.codec}`, algorithm `{config.gossip.algorithm}`, LoRA share `{config.lora.share}`{ratio}.")
 
 
 def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str, str], topology: Topology | None, wall_s: float) -> str:
@@ -209,7 +236,10 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
         "mode": config.gossip.mode, "topology": config.gossip.topology if topology else None,
         "spectral_gap": topology.spectral_gap() if topology else None, "peers": config.run.peers,
         "rounds": config.run.rounds, "local_steps": config.run.local_steps, "model": config.model.name,
+        "codec": config.gossip.codec, "algorithm": config.gossip.algorithm, "share": config.lora.share,
         "global_ppl_before": before, "global_ppl_after": after, "global_ppl_change_pct": change,
+        "bytes_total": sum(r["bytes_total"] for r in rows), "bytes_per_peer_per_round": mean_of(rows, "bytes_per_round"),
+        "compression": mean_of(rows, "compression"),
         "wall_s": wall_s, "peers_table": rows, "samples": samples,
     }
     paths.summary_json.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -223,6 +253,8 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
         summary_table(rows),
         "",
         f"Mean global eval perplexity: {before:.2f} -> {after:.2f} ({change:+.1f}%)." if change is not None else "No global eval set.",
+        "",
+        _bytes_line(config, info),
         "",
         f"Prompt: {samples['prompt']!r}",
         "",

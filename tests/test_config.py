@@ -40,6 +40,11 @@ def test_extends_merges_sections():
         ("[data]\nsource = 'jsonl'\npath = 'data.jsonl'\n", "needs a path template with {rank}"),
         ("[run\npeers = 2\n", "not valid TOML"),
         ("extends = 'missing.toml'\n", "extends"),
+        ("[gossip]\ncodec = 'int8+topk'\n", "[gossip] codec: expected a value encoding"),
+        ("[gossip]\nalgorithm = 'choco'\nerror_feedback = 'off'\n", "CHOCO-gossip always carries"),
+        ("[gossip]\ngamma = 1.5\n", "[gossip] gamma: expected a number in (0, 1]"),
+        ("[codec]\nfraction = 0.0\n", "[codec] fraction: expected a number in (0, 1]"),
+        ("[codec]\nrank = 0\n", "[codec] rank: expected a number >= 1"),
     ],
 )
 def test_bad_config_gives_one_clear_sentence(tmp_path, text, expected):

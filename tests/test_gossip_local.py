@@ -1,12 +1,15 @@
-"""The gossip round with the in-process transport: refused messages give their weight back."""
+"""The gossip round with the in-process transport: refused messages give their weight back;
+stateful compressed gossip tracks its neighbours exactly when the codec is exact."""
 
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import identities
-from p2pfed.codec import get_codec
+from p2pfed.codec import CodecSettings, build_codec, get_codec
+from p2pfed.config import ConfigError
 from p2pfed.gossip import Averager
 from p2pfed.topology import load_topology
 from p2pfed.transport import LocalHub
@@ -61,3 +64,75 @@ def test_tampered_message_is_rejected_and_its_weight_returned_to_self():
         expected = self_weight * vectors[rank] + sum(weights[rank, j] * vectors[j] for j in kept)
         assert torch.allclose(mixed, expected)
     assert results[3][1].rejected == {}  # peer 3 does not hear from peer 1
+
+
+def run_rounds(world: int, rounds: int, topology_file: str = "ring.toml", tamper: tuple[int, int] | None = None, **options):
+    """`rounds` gossip rounds on `world` threads; `tamper` = (rank, round) flips a bit once."""
+    hub = LocalHub(world, timeout_s=10)
+    topology = load_topology(ROOT / "topologies" / topology_file, world)
+    keys, roster = identities(world)
+    spec = options.pop("spec", "fp32")
+    history: dict = {}
+
+    def peer(rank):
+        transport = hub.transport(rank)
+        averager = Averager(transport, "gossip", build_codec(spec, CodecSettings(fraction=0.25), rank), topology, keys[rank], roster, **options)
+        x = torch.randn(40, generator=torch.Generator().manual_seed(rank))
+        history[rank] = [x]
+        for t in range(rounds):
+            if tamper == (rank, t):
+                averager.transport = Tampering(transport)
+            x, stats = averager.average(x, t)
+            averager.transport = transport
+            history[rank].append(x)
+
+    threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return topology.weights(0), history
+
+
+def test_error_feedback_copies_with_an_exact_codec_equal_plain_gossip():
+    _, plain = run_rounds(5, 6)
+    _, copies = run_rounds(5, 6, error_feedback=True)
+    for rank in range(5):
+        assert torch.allclose(torch.stack(plain[rank]), torch.stack(copies[rank]), atol=1e-6)
+
+
+def test_choco_with_gamma_one_and_an_exact_codec_is_plain_gossip_and_keeps_the_mean():
+    _, plain = run_rounds(5, 6)
+    _, choco = run_rounds(5, 6, algorithm="choco", gamma=1.0)
+    for rank in range(5):
+        assert torch.allclose(torch.stack(plain[rank]), torch.stack(choco[rank]), atol=1e-5)
+    _, slow = run_rounds(5, 6, spec="topk+int8", algorithm="choco", gamma=0.3)
+    means = [torch.stack([slow[r][t] for r in range(5)]).mean(dim=0) for t in range(7)]
+    assert all(torch.allclose(m, means[0], atol=1e-5) for m in means)
+
+
+def test_sparse_stateless_messages_fill_unsent_coordinates_with_the_receivers_own():
+    weights, history = run_rounds(4, 1, spec="randk")  # randk: the same coordinates for every sender
+    chosen = build_codec("randk", CodecSettings(fraction=0.25)).shared_indices(40, 0, 0)
+    rest = torch.ones(40, dtype=torch.bool)
+    rest[chosen] = False
+    for rank in range(4):
+        mixed, own = history[rank][1], history[rank][0]
+        assert torch.allclose(mixed[rest], own[rest], atol=1e-6)
+        expected = sum(weights[rank, j] * history[j][0] for j in range(4))
+        assert torch.allclose(mixed[chosen], expected[chosen], atol=1e-6)
+
+
+def test_a_refused_message_in_stateful_gossip_drops_that_neighbour_for_good():
+    weights, history = run_rounds(4, 3, tamper=(1, 1), error_feedback=True)
+    # peer 1 tampers in round 1 only; peer 0's copy of it is then out of step, so from
+    # round 1 on peer 0 mixes with peer 3 alone (fp32: the copy of 3 is exactly x_3)
+    for t in (1, 2):
+        expected = (1 - weights[0, 3]) * history[0][t] + weights[0, 3] * history[3][t]
+        assert torch.allclose(history[0][t + 1], expected, atol=1e-5)
+    assert not torch.allclose(history[0][1], (1 - weights[0, 3]) * history[0][0] + weights[0, 3] * history[3][0])
+
+
+def test_stateful_gossip_refuses_a_time_varying_topology():
+    keys, roster = identities(4)
+    topology = load_topology(ROOT / "topologies/onepeer-exponential.toml", 4)
+    with pytest.raises(ConfigError, match="static topology"):
+        Averager(LocalHub(4).transport(0), "gossip", get_codec("topk"), topology, keys[0], roster, algorithm="choco")
