@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-local demo-allreduce test clean
+.PHONY: install demo demo-local demo-allreduce test bench clean
+SUITE ?= quick
 
 install: $(STAMP)
 
@@ -26,6 +27,9 @@ demo-local: install
 
 demo-allreduce: install
 	$(VENV)/bin/p2pfed run launch/configs/demo-allreduce.toml --overwrite
+
+bench: install
+	$(VENV)/bin/p2pfed bench $(SUITE)
 
 test: install
 	$(VENV)/bin/python -m pytest

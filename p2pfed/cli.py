@@ -1,4 +1,4 @@
-"""The `p2pfed` command: run (spawns torchrun here), peer (entry under torchrun), prepare, keygen, topology show."""
+"""The `p2pfed` command: run (spawns torchrun here), peer (entry under torchrun), prepare, keygen, topology show, bench."""
 
 from __future__ import annotations
 
@@ -106,6 +106,22 @@ def cmd_peer(args: argparse.Namespace) -> int:
     return peer_main([args.config, *args.overrides])
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from p2pfed.bench import SUITES, BenchRun
+
+    if args.suite not in SUITES:
+        raise ConfigError(f"bench: unknown suite {args.suite!r}; expected one of {', '.join(SUITES)}")
+    only = [r.strip() for r in args.rows.split(",")] if args.rows else []
+    try:
+        path = BenchRun(args.suite, Path(args.out), only).run()
+    except (ValueError, RuntimeError) as err:
+        print(f"p2pfed bench: {err}", file=sys.stderr)
+        return 1
+    print("\n" + path.read_text(encoding="utf-8"))
+    print(f"[bench] table written to {path} (and {path.with_suffix('.json').name})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pfed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--peers", type=int, help="size for files that leave n open")
     show.add_argument("--png", help="where to write the drawing (default: <name>.png here)")
     show.set_defaults(func=cmd_topology_show)
+
+    bench = sub.add_parser("bench", help="run a benchmark suite and write its table to bench/results/")
+    bench.add_argument("suite", help="quick (tiny model, minutes) or compression (SmolLM2 demo task, ~45 min)")
+    bench.add_argument("--rows", help="comma-separated parts of row names to run (default: all)")
+    bench.add_argument("--out", default="bench", help="directory for runs/ and results/ (default: bench)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
