@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ class BenchRun:
 
     def run_row(self, index: int, total: int, row: Row) -> dict[str, Any]:
         suite = SUITES[self.suite_name]
-        run_dir = self.out / "runs" / self.suite_name / f"row{index}"
+        run_dir = self.out / "runs" / self.suite_name / f"{index:02d}-{slug(row.name)}"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "p2pfed.cli", "run", str(ROOT / suite.base), "--overwrite",
                    f"run.out={run_dir}", *suite.common, *row.overrides]
@@ -107,6 +108,12 @@ class BenchRun:
         rows = self.rows()
         results = [self.run_row(i, len(rows), row) for i, row in enumerate(rows, start=1)]
         return write_results(self.suite_name, results, self.out / "results")
+
+
+def slug(name: str) -> str:
+    """A row name as a directory name: 'top-k 10% + int8' -> 'top-k-10pct-int8'."""
+    text = name.lower().replace("%", "pct")
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9.]+", "-", text)).strip("-")
 
 
 def row_figures(summary: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The `p2pfed` command: run (spawns torchrun here), peer (entry under torchrun), prepare, keygen, topology show, bench."""
+"""The `p2pfed` command: run (spawns torchrun here), peer (entry under torchrun), prepare, keygen, topology show, report, bench."""
 
 from __future__ import annotations
 
@@ -106,6 +106,19 @@ def cmd_peer(args: argparse.Namespace) -> int:
     return peer_main([args.config, *args.overrides])
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from p2pfed.analysis import AnalysisError, write_report
+
+    out = Path(args.out) if args.out else (Path(args.run_dirs[0]) / "report" if len(args.run_dirs) == 1 else Path("report"))
+    try:
+        path = write_report(args.run_dirs, out)
+    except AnalysisError as err:
+        print(f"p2pfed report: {err}", file=sys.stderr)
+        return 1
+    print(f"[p2pfed] report written to {path} with its plots in {out}/")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from p2pfed.bench import SUITES, BenchRun
 
@@ -156,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--peers", type=int, help="size for files that leave n open")
     show.add_argument("--png", help="where to write the drawing (default: <name>.png here)")
     show.set_defaults(func=cmd_topology_show)
+
+    report = sub.add_parser("report", help="summary and plots of one or more run directories (several are overlaid)")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="where to write report.md and the PNGs (default: RUN_DIR/report, or ./report for several)")
+    report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="run a benchmark suite and write its table to bench/results/")
     bench.add_argument("suite", help="quick (tiny model, minutes) or compression (SmolLM2 demo task, ~45 min)")

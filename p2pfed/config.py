@@ -186,6 +186,26 @@ class CodecSection:
 
 
 @dataclass(kw_only=True)
+class ConsensusSection:
+    """Tracking how far peers are from their average, and optionally steering it."""
+
+    every: int = 1
+    """Exact consensus distance (a monitoring all-reduce) every E rounds; 0 = never. The
+    local estimate from received messages is logged every round regardless."""
+    target: float = 0.0
+    """Consensus control (Kong et al. 2021): after a round's gossip step, run extra gossip
+    steps while Xi^2 > target, up to `max_steps` in all; 0 = off."""
+    relative: bool = False
+    """Read `target` relative to the mean squared adapter norm (1/n) sum_i ||x_i||^2."""
+    max_steps: int = 4
+    """Cap on gossip steps in one round, the first included."""
+
+    def check(self) -> None:
+        _at_least(self, 0, "every", "target")
+        _positive(self, "max_steps")
+
+
+@dataclass(kw_only=True)
 class IdentitySection:
     """Signing keys. Empty: `p2pfed run` creates keys and a roster in RUN_DIR/keys."""
 
@@ -231,6 +251,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     gossip: GossipSection = field(default_factory=GossipSection)
     codec: CodecSection = field(default_factory=CodecSection)
+    consensus: ConsensusSection = field(default_factory=ConsensusSection)
     identity: IdentitySection = field(default_factory=IdentitySection)
     faults: FaultSection = field(default_factory=FaultSection)
 

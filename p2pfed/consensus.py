@@ -1,13 +1,19 @@
-"""Consensus distance: how far peers are from their network average.
+"""Consensus distance: how far peers are from their network average, and steering it.
 
 Xi^2 = (1/n) sum_i ||x_i - xbar||^2. The exact figure uses two monitoring all-reduces;
-the mean it computes is never written back into any peer's adapter.
+the mean it computes is never written back into any peer's adapter. Consensus control
+(Kong et al., ICML 2021) uses the same figure, which every peer receives identically, so
+all peers take the same number of extra gossip steps without a coordinator.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from p2pfed.config import ConsensusSection
+from p2pfed.gossip import Averager, RoundStats
 from p2pfed.transport import Transport
 
 
@@ -19,7 +25,46 @@ def exact_consensus_distance(vector: torch.Tensor, transport: Transport) -> floa
     return float(transport.all_reduce_sum(own)) / n
 
 
+def mean_squared_norm(vector: torch.Tensor, transport: Transport) -> float:
+    """(1/n) sum_i ||x_i||^2: the scale a relative consensus target is read against."""
+    own = vector.to(torch.float64).pow(2).sum().reshape(1)
+    return float(transport.all_reduce_sum(own)) / transport.world_size
+
+
 def consensus_distance_of(vectors: list[torch.Tensor]) -> float:
     """Xi^2 computed directly from gathered vectors (reference for tests and analysis)."""
     stacked = torch.stack([v.to(torch.float64) for v in vectors])
     return float((stacked - stacked.mean(dim=0)).pow(2).sum(dim=1).mean())
+
+
+def is_measured(round: int, section: ConsensusSection, rounds: int) -> bool:
+    """Whether the exact figure is computed after `round`: every E rounds and after the last."""
+    return section.every > 0 and (round % section.every == 0 or round == rounds)
+
+
+@dataclass
+class GossipRound:
+    """What one round's gossip did: the mixed vector, its steps, and the consensus reached."""
+
+    vector: torch.Tensor
+    stats: RoundStats
+    steps: int
+    consensus: float | None
+    target: float | None
+
+
+def gossip_round(averager: Averager, vector: torch.Tensor, round: int, transport: Transport,
+                 section: ConsensusSection, measure: bool) -> GossipRound:
+    """One gossip step, then (with a target) more while Xi^2 is above it, up to the cap."""
+    vector, first = averager.average(vector, round, 0)
+    steps = [first]
+    control = section.target > 0 and averager.mode == "gossip"
+    distance = exact_consensus_distance(vector, transport) if measure or control else None
+    target = None
+    if control:
+        target = section.target * (mean_squared_norm(vector, transport) if section.relative else 1.0)
+        while distance is not None and distance > target and len(steps) < section.max_steps:
+            vector, stats = averager.average(vector, round, len(steps))
+            steps.append(stats)
+            distance = exact_consensus_distance(vector, transport)
+    return GossipRound(vector, RoundStats.combine(steps), len(steps), distance, target)

@@ -47,7 +47,25 @@ class RoundStats:
     neighbours: list[int] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
     local_consensus: float | None = None
-    """sum_j W_ij ||x_i - x_j||^2 over the neighbours heard this round (free estimate)."""
+    """(1/2) sum_j W_ij ||x_i - x_j||^2 over the neighbours heard (free; before mixing). Its
+    mean over peers is Xi^2 exactly for a complete graph with uniform weights."""
+
+
+    @staticmethod
+    def combine(steps: list["RoundStats"]) -> "RoundStats":
+        """One round's totals over its gossip steps (the local estimate is the first step's)."""
+        total = RoundStats(neighbours=steps[0].neighbours, local_consensus=steps[0].local_consensus,
+                           bytes_estimated=steps[0].bytes_estimated)
+        for s in steps:
+            total.bytes_sent += s.bytes_sent
+            total.bytes_received += s.bytes_received
+            total.bytes_fp32 += s.bytes_fp32
+            total.codec_s += s.codec_s
+            total.crypto_s += s.crypto_s
+            total.comm_s += s.comm_s
+            for reason, count in s.rejected.items():
+                total.rejected[reason] = total.rejected.get(reason, 0) + count
+        return total
 
 
 class Averager:
@@ -81,14 +99,17 @@ class Averager:
         self.copies: dict[int, torch.Tensor] = {}
         self.lost: set[int] = set()
         """Neighbours whose copy fell out of step (a refused message); no longer mixed."""
+        self.exchanges = 0
+        """Exchanges so far: every peer counts the same, so it tags messages in lockstep."""
 
-    def average(self, vector: torch.Tensor, round: int) -> tuple[torch.Tensor, RoundStats]:
-        """Return the mixed vector for `round` and the round's costs."""
+    def average(self, vector: torch.Tensor, round: int, step: int = 0) -> tuple[torch.Tensor, RoundStats]:
+        """Return the mixed vector for gossip step `step` of `round`, and what it cost."""
         if self.mode == "local":
             return vector, RoundStats()
         if self.mode == "allreduce":
             return self._allreduce(vector)
-        return self._gossip(vector, round)
+        self.exchanges += 1
+        return self._gossip(vector, round, step)
 
     def _allreduce(self, vector: torch.Tensor) -> tuple[torch.Tensor, RoundStats]:
         n = self.transport.world_size
@@ -98,7 +119,7 @@ class Averager:
         estimate = int(2 * (n - 1) / n * vector.numel() * 4)
         return mean, RoundStats(bytes_sent=estimate, bytes_received=estimate, bytes_estimated=True, bytes_fp32=estimate, comm_s=time.perf_counter() - start, neighbours=[])
 
-    def _gossip(self, vector: torch.Tensor, round: int) -> tuple[torch.Tensor, RoundStats]:
+    def _gossip(self, vector: torch.Tensor, round: int, step: int) -> tuple[torch.Tensor, RoundStats]:
         assert self.topology is not None and self.identity is not None
         weights = self.topology.weights(round)[self.rank]
         senders = self.topology.in_neighbours(self.rank, round)
@@ -106,11 +127,11 @@ class Averager:
         stats = RoundStats(neighbours=senders)
 
         start = time.perf_counter()
-        payload = self._encode(vector, round)
+        payload = self._encode(vector, round, step)
         stats.codec_s += time.perf_counter() - start
         start = time.perf_counter()
         epoch = round % self.topology.period
-        outgoing = {j: seal(self.identity.signing, self.rank, j, round, 0, epoch, self.codec.id, payload) for j in receivers}
+        outgoing = {j: seal(self.identity.signing, self.rank, j, round, step, epoch, self.codec.id, payload) for j in receivers}
         stats.crypto_s += time.perf_counter() - start
         if self.faults is not None:
             outgoing = self.faults.corrupt(outgoing, round + 1)
@@ -118,30 +139,30 @@ class Averager:
         stats.bytes_fp32 = len(outgoing) * (OVERHEAD + 4 * vector.numel())
 
         start = time.perf_counter()
-        incoming = self.transport.exchange(outgoing, senders, tag=round)
+        incoming = self.transport.exchange(outgoing, senders, tag=self.exchanges)
         stats.comm_s = time.perf_counter() - start
         stats.bytes_received = sum(len(m) for m in incoming.values())
 
         heard: dict[int, torch.Tensor] = {}
         for j in sorted(incoming):  # fixed order: the same inputs give the same bits
-            message = self._accept(incoming[j], j, round, senders, vector.numel(), stats)
+            message = self._accept(incoming[j], j, round, step, senders, vector.numel(), stats)
             if message is not None and j not in self.lost:
                 heard[j] = self._neighbour_value(j, message, vector)
             elif message is None and self.stateful and j not in self.lost:
                 self.lost.add(j)
                 log.warning("peer %d: no longer mixing peer %d: its public copy fell out of step with a refused message", self.rank, j)
         mixed = self._mix(vector, heard, weights)
-        stats.local_consensus = sum(float(weights[j]) * float((vector - value).pow(2).sum()) for j, value in heard.items())
+        stats.local_consensus = 0.5 * sum(float(weights[j]) * float((vector - value).pow(2).sum()) for j, value in heard.items())
         return mixed, stats
 
-    def _encode(self, vector: torch.Tensor, round: int) -> bytes:
+    def _encode(self, vector: torch.Tensor, round: int, step: int) -> bytes:
         """Stateless: the compressed adapter. Stateful: the change since the last message plus the residual."""
         if self.feedback is None:
-            return self.codec.encode(vector, round, 0)
+            return self.codec.encode(vector, round, step)
         if self.last_sent is None:
             self.last_sent = self._start_point(vector)
             self.own_copy = self.last_sent.clone()
-        payload, decoded = self.feedback.encode(vector - self.last_sent, round, 0)
+        payload, decoded = self.feedback.encode(vector - self.last_sent, round, step)
         self.own_copy += decoded
         self.last_sent = vector.detach().clone()
         return payload
@@ -172,18 +193,18 @@ class Averager:
             mixed.add_(heard[j], alpha=float(weights[j]))
         return mixed
 
-    def _accept(self, message: bytes, source: int, round: int, senders: list[int], length: int, stats: RoundStats) -> Decoded | None:
+    def _accept(self, message: bytes, source: int, round: int, step: int, senders: list[int], length: int, stats: RoundStats) -> Decoded | None:
         """Verify and decode one neighbour's message; None (and one log line) if refused."""
         assert self.verifier is not None
         try:
             start = time.perf_counter()
             try:
-                payload = self.verifier.open(message, source, round, 0, senders, self.codec.max_payload(length), self.codec.id)
+                payload = self.verifier.open(message, source, round, step, senders, self.codec.max_payload(length), self.codec.id)
             finally:
                 stats.crypto_s += time.perf_counter() - start
             start = time.perf_counter()
             try:
-                return self.codec.decode(payload, length, round, 0)
+                return self.codec.decode(payload, length, round, step)
             finally:
                 stats.codec_s += time.perf_counter() - start
         except (WireError, CodecError) as err:

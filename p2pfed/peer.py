@@ -21,7 +21,7 @@ import transformers
 
 from p2pfed.codec import CodecSettings, build_codec
 from p2pfed.config import Config, ConfigError, load_config, save_config
-from p2pfed.consensus import exact_consensus_distance
+from p2pfed.consensus import exact_consensus_distance, gossip_round, is_measured
 from p2pfed.data import DataError, PeerData, load_peer_data
 from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager, RoundStats
@@ -139,7 +139,8 @@ class Peer:
         self.say(f"[p2pfed] peer 0 data: {self.data.description}; {self.data.train.shape[0]} train blocks")
         writer = MetricsWriter(self.paths.peer_metrics(self.rank))
         first = self.evaluate()
-        writer.write({"rank": self.rank, "round": 0, **first, "consensus": exact_consensus_distance(adapter_to_vector(self.model), self.transport)})
+        start_consensus = exact_consensus_distance(adapter_to_vector(self.model), self.transport) if cfg.consensus.every else None
+        writer.write({"rank": self.rank, "round": 0, **first, "consensus": start_consensus})
         self.say(f"round {0:>3}/{cfg.run.rounds} | global ppl {first['global_ppl'] or float('nan'):.2f} | own ppl {first['own_ppl']:.2f}")
         history = [self.one_round(r, writer) for r in range(1, cfg.run.rounds + 1)]
         last = history[-1]  # the last round always evaluates
@@ -160,6 +161,7 @@ class Peer:
             "comm_s_per_round": sum(h["comm_s"] for h in history) / n,
             "round_s": sum(h["round_s"] for h in history) / n,
             "consensus_final": history[-1]["consensus"],
+            "gossip_steps": sum(h["gossip_steps"] for h in history),
             "rejected": sum(sum(h["rejected"].values()) for h in history),
             "injected": self.faults.injected if self.faults else 0,
             "crypto_s_per_round": sum(h["crypto_s"] for h in history) / n,
@@ -171,13 +173,16 @@ class Peer:
         started = time.perf_counter()
         train_loss = self.trainer.train(cfg.run.local_steps)
         compute_s = time.perf_counter() - started
-        mixed, stats = self.averager.average(adapter_to_vector(self.model), round - 1)
-        vector_to_adapter(self.model, mixed)
+        measure = is_measured(round, cfg.consensus, cfg.run.rounds)
         start = time.perf_counter()
-        consensus = exact_consensus_distance(mixed, self.transport)
-        monitor_s = time.perf_counter() - start
+        result = gossip_round(self.averager, adapter_to_vector(self.model), round - 1, self.transport, cfg.consensus, measure)
+        gossip_s = time.perf_counter() - start
+        stats, consensus = result.stats, result.consensus
+        vector_to_adapter(self.model, result.vector)
+        monitor_s = max(0.0, gossip_s - stats.codec_s - stats.crypto_s - stats.comm_s)
         record: dict[str, Any] = {"rank": self.rank, "round": round, "train_loss": train_loss, "compute_s": compute_s, **_stats_fields(stats),
-                                  "consensus": consensus, "monitor_s": monitor_s, "injected": self.faults.injected if self.faults else 0}
+                                  "consensus": consensus, "consensus_target": result.target, "gossip_steps": result.steps,
+                                  "monitor_s": monitor_s, "injected": self.faults.injected if self.faults else 0}
         if round % cfg.run.eval_every == 0 or round == cfg.run.rounds:
             start = time.perf_counter()
             record.update(self.evaluate())
@@ -185,7 +190,9 @@ class Peer:
         record["round_s"] = time.perf_counter() - started
         writer.write(record)
         shown = f" | global ppl {record['global_ppl']:.2f}" if record.get("global_ppl") else ""
-        self.say(f"round {round:>3}/{cfg.run.rounds} | train loss {train_loss:.3f}{shown} | consensus {consensus:.2e} "
+        agreement = f" | consensus {consensus:.2e}" if consensus is not None else ""
+        steps = f" in {result.steps} steps" if result.steps > 1 else ""
+        self.say(f"round {round:>3}/{cfg.run.rounds} | train loss {train_loss:.3f}{shown}{agreement}{steps} "
                  f"| {record['round_s']:.1f} s (compute {compute_s:.1f}, comm {stats.comm_s:.3f})")
         return record
 

@@ -8,7 +8,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, read_jsonl, run_cli
-from p2pfed.model import tiny_model, tiny_tokenizer
+from p2pfed.config import load_config
+from p2pfed.model import save_adapter, tiny_model, tiny_tokenizer, wrap_lora
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -75,3 +76,52 @@ def test_bad_input_stops_before_launch_with_one_sentence(tmp_path):
     out = tiny_run(tmp_path, "once", "run.peers=2", "run.rounds=1")
     again = run_cli("run", str(TINY), f"run.out={out}", "run.peers=2", "run.rounds=1")
     assert again.returncode == 1 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_compressed_choco_run_sends_a_tenth_of_the_bytes_and_still_learns(tmp_path):
+    out = tiny_run(tmp_path, "choco", "run.rounds=3", "gossip.codec=topk+int8", "gossip.algorithm=choco", "gossip.gamma=0.2")
+    for rank in range(4):
+        rows = read_jsonl(out / "metrics" / f"peer{rank}.jsonl")[1:]
+        assert all(10 * row["bytes_sent"] < row["bytes_fp32"] for row in rows)
+        assert rows[-1]["global_ppl"] < read_jsonl(out / "metrics" / f"peer{rank}.jsonl")[0]["global_ppl"]
+    summary = (out / "summary.md").read_text()
+    assert "codec `topk+int8`, algorithm `choco`" in summary and "fewer than fp32 envelopes" in summary
+
+
+def initial_adapter(tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The common starting adapter every peer builds from the seed (saved the PEFT way)."""
+    config = load_config(TINY)
+    model = wrap_lora(tiny_model(len(tiny_tokenizer())), config.lora, config.run.seed)
+    save_adapter(model, tmp_path / "initial")
+    return load_file(tmp_path / "initial" / "adapter_model.safetensors")
+
+
+def test_share_b_keeps_a_frozen_and_identical_and_halves_the_bytes(tmp_path):
+    out = tiny_run(tmp_path, "share-b", "run.rounds=2", "lora.share=B")
+    full = tiny_run(tmp_path, "share-ab", "run.rounds=2")
+    adapters = [adapter_tensors(out, r) for r in range(4)]
+    initial = initial_adapter(tmp_path)
+    a_names = [n for n in adapters[0] if "lora_A" in n]
+    b_names = [n for n in adapters[0] if "lora_B" in n]
+    assert a_names and b_names
+    for name in a_names:
+        assert all(torch.equal(adapters[0][name], other[name]) for other in adapters[1:])
+        assert torch.equal(adapters[0][name], initial[name])  # never trained, never averaged
+        assert not torch.equal(adapter_tensors(full, 0)[name], initial[name])  # share AB trains A
+    assert any(adapters[0][name].abs().max() > 0 for name in b_names)
+    sent_b = read_jsonl(out / "metrics" / "peer0.jsonl")[1]["bytes_sent"]
+    sent_ab = read_jsonl(full / "metrics" / "peer0.jsonl")[1]["bytes_sent"]
+    assert sent_b < 0.6 * sent_ab
+
+
+def test_consensus_control_takes_extra_steps_and_logs_them(tmp_path):
+    out = tiny_run(tmp_path, "control", "run.rounds=2", "consensus.target=1e-3", "consensus.relative=true", "consensus.max_steps=3")
+    for rank in range(4):
+        rows = read_jsonl(out / "metrics" / f"peer{rank}.jsonl")[1:]
+        for row in rows:
+            assert row["consensus"] <= row["consensus_target"] or row["gossip_steps"] == 3
+        assert rows[0]["gossip_steps"] > 1
+    summary = read_jsonl(out / "metrics" / "peer0.jsonl")
+    quiet = tiny_run(tmp_path, "quiet", "run.rounds=3", "consensus.every=2")
+    logged = [row["consensus"] is not None for row in read_jsonl(quiet / "metrics" / "peer0.jsonl")]
+    assert logged == [True, False, True, True] and summary

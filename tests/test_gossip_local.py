@@ -136,3 +136,34 @@ def test_stateful_gossip_refuses_a_time_varying_topology():
     topology = load_topology(ROOT / "topologies/onepeer-exponential.toml", 4)
     with pytest.raises(ConfigError, match="static topology"):
         Averager(LocalHub(4).transport(0), "gossip", get_codec("topk"), topology, keys[0], roster, algorithm="choco")
+
+
+def test_local_estimate_is_exact_for_a_complete_graph_with_uniform_weights(tmp_path):
+    from p2pfed.consensus import consensus_distance_of
+
+    spec = tmp_path / "complete.toml"
+    spec.write_text('generator = "complete"\nweights = "max-degree"\n')  # W_ij = 1/n everywhere
+    world = 5
+    topology = load_topology(spec, world)
+    assert torch.allclose(torch.as_tensor(topology.weights(0)), torch.full((world, world), 1 / world, dtype=torch.float64))
+    hub = LocalHub(world, timeout_s=10)
+    keys, roster = identities(world)
+    vectors = [torch.randn(30, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    estimates: dict = {}
+
+    def peer(rank):
+        averager = Averager(hub.transport(rank), "gossip", get_codec("fp32"), topology, keys[rank], roster)
+        estimates[rank] = averager.average(vectors[rank], 0)[1].local_consensus
+
+    threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sum(estimates.values()) / world == pytest.approx(consensus_distance_of(vectors), rel=1e-5)
+
+
+def test_exact_consensus_is_measured_every_e_rounds_and_after_the_last():
+    from p2pfed.config import ConsensusSection
+    from p2pfed.consensus import is_measured
+
+    assert [t for t in range(1, 8) if is_measured(t, ConsensusSection(every=3), 7)] == [3, 6, 7]
+    assert not any(is_measured(t, ConsensusSection(every=0), 7) for t in range(1, 8))
