@@ -115,13 +115,12 @@ def test_share_b_keeps_a_frozen_and_identical_and_halves_the_bytes(tmp_path):
 
 
 def test_consensus_control_takes_extra_steps_and_logs_them(tmp_path):
-    out = tiny_run(tmp_path, "control", "run.rounds=2", "consensus.target=1e-3", "consensus.relative=true", "consensus.max_steps=3")
+    out = tiny_run(tmp_path, "control", "run.rounds=2", "consensus.target=1e-4", "consensus.relative=true", "consensus.max_steps=3")
     for rank in range(4):
         rows = read_jsonl(out / "metrics" / f"peer{rank}.jsonl")[1:]
         for row in rows:
             assert row["consensus"] <= row["consensus_target"] or row["gossip_steps"] == 3
         assert rows[0]["gossip_steps"] > 1
-    summary = read_jsonl(out / "metrics" / "peer0.jsonl")
     quiet = tiny_run(tmp_path, "quiet", "run.rounds=3", "consensus.every=2")
     logged = [row["consensus"] is not None for row in read_jsonl(quiet / "metrics" / "peer0.jsonl")]
-    assert logged == [True, False, True, True] and summary
+    assert logged == [True, False, True, True]  # round 0, then every 2nd round and the last
