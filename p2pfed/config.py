@@ -146,6 +146,9 @@ class GossipSection:
     """'on': send each round's change plus what the codec dropped before (receivers keep a
     copy of each neighbour); 'off': send the compressed adapter itself; 'auto': on for
     biased codecs (topk, randk, lowrank), off for the others. CHOCO is always 'on'."""
+    secure: bool = False
+    """Pairwise-masked secure averaging: a peer learns only the weighted sum of its
+    neighbours' adapters (see [secure] for the fixed-point encoding)."""
     timeout_s: float = 300.0
     """How long a peer waits for its neighbours before giving up."""
 
@@ -166,6 +169,19 @@ class GossipSection:
                               "error feedback); use 'auto' or 'on', or algorithm = 'plain'")
         if self.timeout_s <= 0:
             raise ConfigError(f"[gossip] timeout_s: expected a positive number, got {self.timeout_s}")
+        if self.secure:
+            self._check_secure(parse_spec(self.codec))
+
+    def _check_secure(self, spec: tuple[str, str]) -> None:
+        """Masks cancel only in a sum every sender builds the same way, from its own values."""
+        if self.mode != "gossip":
+            raise ConfigError(f"[gossip] secure: masking applies to neighbour gossip, not mode '{self.mode}'")
+        if spec[0] not in ("dense", "randk") or spec[1] != "fp32":
+            raise ConfigError(f"[gossip] codec: secure mode sums masked messages, so every sender must encode the same coordinates the "
+                              f"same way; use 'fp32' (sent as fixed point) or 'randk' (coordinates from the shared seed), not {self.codec!r}")
+        if self.algorithm == "choco" or self.error_feedback == "on":
+            raise ConfigError("[gossip] secure: CHOCO and error feedback keep a per-sender copy of each neighbour, which a masked "
+                              "sum never reveals; use algorithm = 'plain' and error_feedback = 'auto' or 'off'")
 
 
 @dataclass(kw_only=True)
@@ -183,6 +199,23 @@ class CodecSection:
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"[codec] fraction: expected a number in (0, 1], got {self.fraction}")
         _positive(self, "rank", "chunk")
+
+
+@dataclass(kw_only=True)
+class SecureSection:
+    """Fixed-point encoding for secure mode: values live in Z_2^32 while masked."""
+
+    bound: float = 4.0
+    """Each weighted value W_ij x_j is clipped to [-bound, bound] (clips are counted in the metrics)."""
+    frac_bits: int = 20
+    """Fractional bits: rounding error 2^-frac_bits per value; start-up refuses settings
+    whose largest neighbourhood sum could wrap around."""
+
+    def check(self) -> None:
+        if self.bound <= 0:
+            raise ConfigError(f"[secure] bound: expected a positive number, got {self.bound}")
+        if not 1 <= self.frac_bits <= 30:
+            raise ConfigError(f"[secure] frac_bits: expected an integer in 1..30, got {self.frac_bits}")
 
 
 @dataclass(kw_only=True)
@@ -221,7 +254,7 @@ class IdentitySection:
             raise ConfigError("[identity] key: expected a path template with {rank}, e.g. 'keys/peer{rank}.pem'")
 
 
-FAULT_KINDS = ("flip", "foreign_key", "replay", "misaddress")
+FAULT_KINDS = ("flip", "foreign_key", "replay", "misaddress", "abstain")
 
 
 @dataclass(kw_only=True)
@@ -232,12 +265,16 @@ class FaultSection:
     """Ranks that misbehave (empty: everyone is honest)."""
     kind: str = "flip"
     """'flip' (a payload bit), 'foreign_key' (signed with a key outside the roster),
-    'replay' (last round's message again), 'misaddress' (a message meant for a non-neighbour)."""
+    'replay' (last round's message again), 'misaddress' (a message meant for a non-neighbour),
+    'abstain' (a signed abstain instead of the data: secure mode's dropout path)."""
     from_round: int = 1
+    until_round: int = 0
+    """Last round that misbehaves; 0 = to the end."""
 
     def check(self) -> None:
         _one_of(self, "kind", FAULT_KINDS)
         _positive(self, "from_round")
+        _at_least(self, 0, "until_round")
 
 
 @dataclass(kw_only=True)
@@ -252,6 +289,7 @@ class Config:
     gossip: GossipSection = field(default_factory=GossipSection)
     codec: CodecSection = field(default_factory=CodecSection)
     consensus: ConsensusSection = field(default_factory=ConsensusSection)
+    secure: SecureSection = field(default_factory=SecureSection)
     identity: IdentitySection = field(default_factory=IdentitySection)
     faults: FaultSection = field(default_factory=FaultSection)
 

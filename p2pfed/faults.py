@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pfed.config import FaultSection
 from p2pfed.identity import Identity
-from p2pfed.wire import HEADER_STRUCT, OVERHEAD
+from p2pfed.secure import ABSTAIN
+from p2pfed.wire import HEADER_STRUCT, OVERHEAD, seal
 
 
 class FaultInjector:
@@ -22,6 +23,7 @@ class FaultInjector:
     def __init__(self, section: FaultSection, identity: Identity, world_size: int, seed: int) -> None:
         self.kind = section.kind
         self.from_round = section.from_round
+        self.until_round = section.until_round
         self.identity = identity
         self.world_size = world_size
         self.random = random.Random(seed)
@@ -32,7 +34,7 @@ class FaultInjector:
     def corrupt(self, outgoing: dict[int, bytes], round: int) -> dict[int, bytes]:
         """Return the messages this peer really sends for metrics `round` (1-based)."""
         honest = dict(outgoing)
-        if round >= self.from_round:
+        if round >= self.from_round and (not self.until_round or round <= self.until_round):
             outgoing = {j: self._corrupt_one(j, m) for j, m in outgoing.items()}
             self.injected += sum(outgoing[j] != honest[j] for j in outgoing)
         self.previous = honest
@@ -46,6 +48,9 @@ class FaultInjector:
             return self.previous.get(receiver, message)
         header = list(HEADER_STRUCT.unpack_from(message))
         key = self.identity.signing
+        if self.kind == "abstain":  # a well-formed, signed "I have nothing for this round"
+            _, _, _, _, sender, to, round, step, epoch, _, _ = header
+            return seal(key, sender, to, round, step, epoch, ABSTAIN, b"")
         if self.kind == "foreign_key":
             key = self.foreign
         else:  # misaddress: a message meant for a peer that is not this link's receiver

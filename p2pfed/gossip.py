@@ -26,6 +26,7 @@ from p2pfed.faults import FaultInjector
 from p2pfed.identity import Identity, Roster
 from p2pfed.topology import Topology
 from p2pfed.transport import Transport
+from p2pfed.secure import ABSTAIN, CORRECTION, REQUEST, FixedPoint, SecureCost, SecureError, SecureNeighbourhood, check_secure_topology, decode_missing, encode_missing
 from p2pfed.wire import OVERHEAD, Verifier, WireError, seal
 
 log = logging.getLogger("p2pfed.gossip")
@@ -46,6 +47,14 @@ class RoundStats:
     comm_s: float = 0.0
     neighbours: list[int] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
+    mask_s: float = 0.0
+    """Secure mode: generating pairwise masks (ChaCha20)."""
+    clipped: int = 0
+    """Secure mode: values clipped to the fixed-point bound."""
+    dropouts: int = 0
+    """Secure mode: senders missing from the sum whose masks were removed by recovery."""
+    abandoned: bool = False
+    """Secure mode: the sum could not be completed, so this peer kept its own adapter."""
     local_consensus: float | None = None
     """(1/2) sum_j W_ij ||x_i - x_j||^2 over the neighbours heard (free; before mixing). Its
     mean over peers is Xi^2 exactly for a complete graph with uniform weights."""
@@ -63,6 +72,10 @@ class RoundStats:
             total.codec_s += s.codec_s
             total.crypto_s += s.crypto_s
             total.comm_s += s.comm_s
+            total.mask_s += s.mask_s
+            total.clipped += s.clipped
+            total.dropouts += s.dropouts
+            total.abandoned = total.abandoned or s.abandoned
             for reason, count in s.rejected.items():
                 total.rejected[reason] = total.rejected.get(reason, 0) + count
         return total
@@ -74,7 +87,7 @@ class Averager:
     def __init__(self, transport: Transport, mode: str, codec: Codec, topology: Topology | None,
                  identity: Identity | None = None, roster: Roster | None = None, faults: FaultInjector | None = None,
                  *, algorithm: str = "plain", gamma: float = 0.5, error_feedback: bool = False,
-                 initial: torch.Tensor | None = None) -> None:
+                 initial: torch.Tensor | None = None, secure: FixedPoint | None = None, seed: int = 0) -> None:
         if mode == "gossip" and (topology is None or identity is None or roster is None):
             raise ValueError("gossip mode needs a topology, this peer's identity and the roster")
         self.transport = transport
@@ -101,6 +114,11 @@ class Averager:
         """Neighbours whose copy fell out of step (a refused message); no longer mixed."""
         self.exchanges = 0
         """Exchanges so far: every peer counts the same, so it tags messages in lockstep."""
+        self.secure: SecureNeighbourhood | None = None
+        if secure is not None:
+            assert topology is not None and identity is not None and roster is not None
+            check_secure_topology(topology, secure)
+            self.secure = SecureNeighbourhood(identity, roster, topology, secure, Codec.STRUCTURES.index(codec.structure), seed)
 
     def average(self, vector: torch.Tensor, round: int, step: int = 0) -> tuple[torch.Tensor, RoundStats]:
         """Return the mixed vector for gossip step `step` of `round`, and what it cost."""
@@ -108,8 +126,102 @@ class Averager:
             return vector, RoundStats()
         if self.mode == "allreduce":
             return self._allreduce(vector)
-        self.exchanges += 1
+        if self.secure is not None:
+            return self._secure_gossip(vector, round, step)
         return self._gossip(vector, round, step)
+
+    def _exchange(self, outgoing: dict[int, bytes], incoming_from: list[int], stats: RoundStats) -> dict[int, bytes]:
+        """One lockstep exchange, timed and counted."""
+        self.exchanges += 1
+        stats.bytes_sent += sum(len(m) for m in outgoing.values())
+        start = time.perf_counter()
+        incoming = self.transport.exchange(outgoing, incoming_from, tag=self.exchanges)
+        stats.comm_s += time.perf_counter() - start
+        stats.bytes_received += sum(len(m) for m in incoming.values())
+        return incoming
+
+    def _seal_all(self, payloads: dict[int, bytes], round: int, step: int, codec: int, stats: RoundStats) -> dict[int, bytes]:
+        assert self.identity is not None and self.topology is not None
+        start = time.perf_counter()
+        epoch = round % self.topology.period
+        sealed = {j: seal(self.identity.signing, self.rank, j, round, step, epoch, codec, p) for j, p in payloads.items()}
+        stats.crypto_s += time.perf_counter() - start
+        return sealed
+
+    def _open(self, message: bytes, source: int, round: int, step: int, senders: list[int], max_payload: int,
+              codecs: tuple[int, ...], stats: RoundStats) -> tuple[int, bytes] | None:
+        """(codec id, payload) of a verified message, or None after counting and logging the refusal."""
+        assert self.verifier is not None
+        start = time.perf_counter()
+        try:
+            header, payload = self.verifier.open_header(message, source, round, step, senders, max_payload, codecs)
+            return header.codec, payload
+        except WireError as err:
+            stats.rejected[err.reason] = stats.rejected.get(err.reason, 0) + 1
+            log.warning("peer %d, round %d: message from peer %d rejected: %s", self.rank, round + 1, source, err)
+            return None
+        finally:
+            stats.crypto_s += time.perf_counter() - start
+
+    def _secure_gossip(self, vector: torch.Tensor, round: int, step: int) -> tuple[torch.Tensor, RoundStats]:
+        """Masked data, then missing-sender reports, then (only if needed) corrections; see p2pfed.secure."""
+        assert self.topology is not None and self.secure is not None
+        secure, weights = self.secure, self.topology.weights(round)[self.rank]
+        senders = self.topology.in_neighbours(self.rank, round)
+        receivers = self.topology.out_neighbours(self.rank, round)
+        stats, cost = RoundStats(neighbours=senders), SecureCost()
+        chosen = self.codec.shared_indices(vector.numel(), round, step) if self.codec.structure == "randk" else None
+        values = vector if chosen is None else vector[chosen]
+        count = values.numel()
+
+        start = time.perf_counter()
+        payloads = secure.contributions(values, round, step, cost)
+        stats.codec_s += time.perf_counter() - start - cost.mask_s
+        outgoing = self._seal_all(payloads, round, step, secure.codec_id, stats)
+        if self.faults is not None:
+            outgoing = self.faults.corrupt(outgoing, round + 1)
+        stats.bytes_fp32 = len(outgoing) * (OVERHEAD + 4 * vector.numel())
+        present: dict[int, bytes] = {}
+        for j, message in sorted(self._exchange(outgoing, senders, stats).items()):
+            opened = self._open(message, j, round, step, senders, 4 * count, (secure.codec_id, ABSTAIN), stats)
+            if opened is not None and opened[0] == ABSTAIN:
+                stats.rejected["abstain"] = stats.rejected.get("abstain", 0) + 1
+                log.warning("peer %d, round %d: peer %d abstained", self.rank, round + 1, j)
+            elif opened is not None:
+                present[j] = opened[1]
+        missing = [j for j in senders if j not in present]
+        for j in missing:
+            self.verifier.close(j, round, step, (secure.codec_id, ABSTAIN))  # type: ignore[union-attr]
+
+        reports = self._seal_all({j: encode_missing(missing) for j in senders}, round, step, REQUEST, stats)
+        requests: dict[int, list[int]] = {}
+        for i, message in sorted(self._exchange(reports, receivers, stats).items()):
+            opened = self._open(message, i, round, step, receivers, 4 * self.transport.world_size, (REQUEST,), stats)
+            try:
+                requests[i] = decode_missing(opened[1], self.topology.in_neighbours(i, round)) if opened else []
+            except SecureError as err:
+                log.warning("peer %d, round %d: ignoring peer %d's dropout report: %s", self.rank, round + 1, i, err)
+        fixes = self._seal_all(secure.corrections(requests, round, step, count, cost), round, step, CORRECTION, stats)
+        expected = sorted(present) if secure.expects_corrections(senders, missing) else []
+        corrections = {j: opened[1] for j, m in self._exchange(fixes, expected, stats).items()
+                       if (opened := self._open(m, j, round, step, expected, 4 * count, (CORRECTION,), stats)) is not None}
+
+        stats.mask_s, stats.clipped, stats.dropouts = cost.mask_s, cost.clipped, len(missing)
+        if len(present) < 2 or (missing and len(corrections) != len(present)):
+            stats.abandoned = True
+            log.warning("peer %d, round %d: secure sum abandoned (%d of %d senders, %d corrections): keeping its own adapter",
+                        self.rank, round + 1, len(present), len(senders), len(corrections))
+            return vector, stats
+        start = time.perf_counter()
+        total = SecureNeighbourhood.unmask([present[j] for j in sorted(present)], list(corrections.values()), secure.fixed, count)
+        self_weight = 1.0 - sum(float(weights[j]) for j in present)
+        mixed = vector.clone()
+        if chosen is None:
+            mixed = vector * self_weight + total
+        else:
+            mixed[chosen] = values * self_weight + total
+        stats.codec_s += time.perf_counter() - start
+        return mixed, stats
 
     def _allreduce(self, vector: torch.Tensor) -> tuple[torch.Tensor, RoundStats]:
         n = self.transport.world_size
@@ -129,19 +241,11 @@ class Averager:
         start = time.perf_counter()
         payload = self._encode(vector, round, step)
         stats.codec_s += time.perf_counter() - start
-        start = time.perf_counter()
-        epoch = round % self.topology.period
-        outgoing = {j: seal(self.identity.signing, self.rank, j, round, step, epoch, self.codec.id, payload) for j in receivers}
-        stats.crypto_s += time.perf_counter() - start
+        outgoing = self._seal_all({j: payload for j in receivers}, round, step, self.codec.id, stats)
         if self.faults is not None:
             outgoing = self.faults.corrupt(outgoing, round + 1)
-        stats.bytes_sent = sum(len(m) for m in outgoing.values())
         stats.bytes_fp32 = len(outgoing) * (OVERHEAD + 4 * vector.numel())
-
-        start = time.perf_counter()
-        incoming = self.transport.exchange(outgoing, senders, tag=self.exchanges)
-        stats.comm_s = time.perf_counter() - start
-        stats.bytes_received = sum(len(m) for m in incoming.values())
+        incoming = self._exchange(outgoing, senders, stats)
 
         heard: dict[int, torch.Tensor] = {}
         for j in sorted(incoming):  # fixed order: the same inputs give the same bits
@@ -195,20 +299,15 @@ class Averager:
 
     def _accept(self, message: bytes, source: int, round: int, step: int, senders: list[int], length: int, stats: RoundStats) -> Decoded | None:
         """Verify and decode one neighbour's message; None (and one log line) if refused."""
-        assert self.verifier is not None
+        opened = self._open(message, source, round, step, senders, self.codec.max_payload(length), (self.codec.id,), stats)
+        if opened is None:
+            return None
+        start = time.perf_counter()
         try:
-            start = time.perf_counter()
-            try:
-                payload = self.verifier.open(message, source, round, step, senders, self.codec.max_payload(length), self.codec.id)
-            finally:
-                stats.crypto_s += time.perf_counter() - start
-            start = time.perf_counter()
-            try:
-                return self.codec.decode(payload, length, round, step)
-            finally:
-                stats.codec_s += time.perf_counter() - start
-        except (WireError, CodecError) as err:
-            reason = getattr(err, "reason", "codec")
-            stats.rejected[reason] = stats.rejected.get(reason, 0) + 1
+            return self.codec.decode(opened[1], length, round, step)
+        except CodecError as err:
+            stats.rejected["codec"] = stats.rejected.get("codec", 0) + 1
             log.warning("peer %d, round %d: message from peer %d rejected: %s", self.rank, round + 1, source, err)
             return None
+        finally:
+            stats.codec_s += time.perf_counter() - start

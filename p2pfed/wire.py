@@ -73,14 +73,21 @@ def parse(data: bytes, max_payload: int) -> tuple[Header, bytes, bytes, bytes]:
 
 @dataclass
 class Verifier:
-    """Checks every incoming envelope for one peer; remembers what it accepted (replays)."""
+    """Checks every incoming envelope for one peer; remembers what it accepted (replays)
+    and which (sender, round, step) it has given up on (late messages)."""
 
     rank: int
     roster: Roster
-    accepted: dict[int, tuple[int, int]] = field(default_factory=dict)
+    accepted: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    closed: set[tuple[int, int, int, int]] = field(default_factory=set)
 
     def open(self, data: bytes, source: int, round: int, step: int, neighbours: list[int], max_payload: int, codec: int) -> bytes:
         """Return the payload of a message `source` delivered for (round, step), or raise WireError."""
+        return self.open_header(data, source, round, step, neighbours, max_payload, (codec,))[1]
+
+    def open_header(self, data: bytes, source: int, round: int, step: int, neighbours: list[int], max_payload: int,
+                    codecs: tuple[int, ...]) -> tuple[Header, bytes]:
+        """Like `open`, accepting any of `codecs` (message kinds), and returning the header too."""
         header, header_bytes, signature, payload = parse(data, max_payload)
         keys = self.roster.get(header.sender)
         if keys is None:
@@ -95,9 +102,15 @@ class Verifier:
             raise WireError("wrong_receiver", f"addressed to peer {header.receiver}")
         if header.sender != source or header.sender not in neighbours:
             raise WireError("not_neighbour", f"from peer {header.sender}, not a neighbour of peer {self.rank} this round")
-        if (header.round, header.step) != (round, step) or self.accepted.get(header.sender, (-1, -1)) >= (round, step):
+        if (header.sender, header.round, header.step, header.codec) in self.closed:
+            raise WireError("late", f"round {header.round} step {header.step} from peer {header.sender} was already completed without it")
+        if header.codec not in codecs:
+            raise WireError("codec", f"codec id {header.codec}, expected {' or '.join(map(str, codecs))}")
+        if (header.round, header.step) != (round, step) or self.accepted.get((header.sender, header.codec), (-1, -1)) >= (round, step):
             raise WireError("replay", f"is for round {header.round} step {header.step}, expected round {round} step {step}")
-        if header.codec != codec:
-            raise WireError("codec", f"codec id {header.codec}, expected {codec}")
-        self.accepted[header.sender] = (round, step)
-        return payload
+        self.accepted[(header.sender, header.codec)] = (round, step)
+        return header, payload
+
+    def close(self, sender: int, round: int, step: int, codecs: tuple[int, ...]) -> None:
+        """Refuse messages of the kinds `codecs` that `sender` delivers for (round, step) from now on (it was counted missing)."""
+        self.closed.update((sender, round, step, codec) for codec in codecs)

@@ -1,0 +1,196 @@
+"""Secure averaging: masks cancel bit-exactly, a masked message looks uniform, the sum
+matches plain mixing within the fixed-point bound, dropouts are recovered exactly, and
+unsafe or pointless settings are refused with a clear message."""
+
+import threading
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from conftest import identities
+from p2pfed.codec import CodecSettings, build_codec
+from p2pfed.config import ConfigError, FaultSection, load_config
+from p2pfed.faults import FaultInjector
+from p2pfed.gossip import Averager
+from p2pfed.secure import FixedPoint, PairwiseMasks, SecureError, check_secure_topology, prg_words
+from p2pfed.topology import load_topology
+from p2pfed.transport import LocalHub
+from p2pfed.wire import Verifier, WireError, seal
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXED = FixedPoint(bound=4.0, frac_bits=20)
+
+
+def random_neighbourhoods(n: int, seed: int) -> nx.Graph:
+    graph = nx.gnp_random_graph(n, 0.5, seed=seed)
+    while not nx.is_connected(graph):
+        seed += 1000
+        graph = nx.gnp_random_graph(n, 0.5, seed=seed)
+    return graph
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masks_cancel_bit_exactly_in_every_neighbourhood_and_round(seed):
+    n = 7
+    keys, roster = identities(n)
+    masks = [PairwiseMasks(k, roster) for k in keys]
+    graph = random_neighbourhoods(n, seed)
+    for round, step in ((0, 0), (5, 1), (2**31, 3)):
+        for i in graph.nodes:
+            senders = sorted(graph.neighbors(i))
+            total = np.zeros(64, dtype=np.uint32)
+            for j in senders:
+                mask = masks[j].mask(i, senders, round, step, 64)
+                if len(senders) > 1:
+                    assert mask.any()  # each single mask is far from zero ...
+                total += mask
+            assert not total.any()  # ... and together they cancel exactly
+
+
+def test_masks_never_repeat_across_rounds_steps_or_receivers():
+    key = bytes(range(32))
+    streams = [prg_words(key, r, s, i, 16).tobytes() for r in range(3) for s in range(2) for i in range(3)]
+    assert len(set(streams)) == len(streams)
+
+
+def test_pair_secrets_agree_at_both_ends_and_differ_between_pairs():
+    keys, roster = identities(3)
+    a, b, c = (PairwiseMasks(k, roster) for k in keys)
+    assert a.secret(1) == b.secret(0) and a.secret(2) == c.secret(0)
+    assert a.secret(1) != a.secret(2) and len(a.secret(1)) == 32
+
+
+def chi_square_bytes(data: bytes) -> float:
+    counts = np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)
+    expected = len(data) / 256
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_a_masked_message_is_indistinguishable_from_uniform():
+    keys, roster = identities(3)
+    values = torch.linspace(-0.05, 0.05, 50_000)  # a smooth, very non-uniform adapter slice
+    words, _ = FIXED.encode(values * 0.5, torch.Generator().manual_seed(0))
+    masked = words + PairwiseMasks(keys[0], roster).mask(2, [0, 1], 7, 0, values.numel())
+    critical = 330.5  # chi-square with 255 degrees of freedom, p = 0.001
+    assert chi_square_bytes(masked.tobytes()) < critical
+    assert chi_square_bytes(words.tobytes()) > 10 * critical  # the unmasked encoding is obviously not uniform
+    high_bits = (masked >> 31).mean()
+    assert abs(high_bits - 0.5) < 0.01
+
+
+def test_fixed_point_round_trip_and_sums_stay_within_the_bound():
+    values = torch.randn(10_000) * 0.3
+    generator = torch.Generator().manual_seed(1)
+    words, clipped = FIXED.encode(values, generator)
+    assert clipped == 0
+    assert (FIXED.decode(words) - values).abs().max() <= FIXED.resolution
+    big, clipped = FIXED.encode(torch.tensor([5.0, -9.0, 1.0]), generator)
+    assert clipped == 2 and FIXED.decode(big).tolist()[:2] == [4.0, -4.0]
+
+
+def test_overflow_check_refuses_an_unsafe_configuration():
+    FixedPoint(4.0, 20).check(100)  # 100 * 2^22 < 2^31
+    with pytest.raises(SecureError, match="past the signed 32-bit range"):
+        FixedPoint(4.0, 29).check(2)
+    ring = load_topology(ROOT / "topologies/ring.toml", 6)
+    with pytest.raises(ConfigError, match="frac_bits"):
+        check_secure_topology(ring, FixedPoint(1000.0, 22))
+
+
+def test_a_neighbourhood_with_one_sender_is_refused():
+    onepeer = load_topology(ROOT / "topologies/onepeer-exponential.toml", 8)
+    with pytest.raises(ConfigError, match="two or more senders"):
+        check_secure_topology(onepeer, FIXED)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("gossip.codec=topk+int8", "secure mode sums masked messages"),
+    ("gossip.codec=int8", "secure mode sums masked messages"),
+    ("gossip.algorithm=choco", "per-sender copy"),
+    ("gossip.mode=allreduce", "masking applies to neighbour gossip"),
+])
+def test_codecs_with_per_sender_coordinates_or_state_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "launch/configs/tiny.toml", ["gossip.secure=true", override])
+    load_config(ROOT / "launch/configs/tiny.toml", ["gossip.secure=true", "gossip.codec=randk"])  # shared coordinates: fine
+
+
+def test_dropout_corrections_restore_the_exact_sum_of_the_remaining_masks():
+    n = 6
+    keys, roster = identities(n)
+    masks = [PairwiseMasks(k, roster) for k in keys]
+    receiver, senders = 0, [1, 2, 3, 4, 5]
+    for missing in ([3], [2, 5], [1, 2, 4]):
+        present = [j for j in senders if j not in missing]
+        total = np.zeros(32, dtype=np.uint32)
+        for j in present:
+            total += masks[j].mask(receiver, senders, 9, 0, 32)
+            total -= masks[j].mask(receiver, missing, 9, 0, 32)  # j's correction
+        assert not total.any()
+
+
+def test_a_message_from_a_sender_counted_missing_is_refused_as_late():
+    keys, roster = identities(3)
+    verifier = Verifier(0, roster)
+    verifier.close(1, 4, 0, (0xE0,))
+    late = seal(keys[1].signing, 1, 0, 4, 0, 0, 0xE0, b"\x00" * 8)
+    with pytest.raises(WireError, match="late"):
+        verifier.open(late, 1, 4, 0, [1, 2], 8, 0xE0)
+
+
+def secure_rounds(world: int, topology_file: str, rounds: int, secure: bool, abstain: tuple[int, int] | None = None, spec: str = "fp32"):
+    """Run pure gossip on threads; returns each peer's vectors per round and its stats."""
+    hub = LocalHub(world, timeout_s=20)
+    topology = load_topology(ROOT / "topologies" / topology_file, world)
+    keys, roster = identities(world)
+    history: dict = {}
+
+    def peer(rank):
+        faults = None
+        if abstain and abstain[0] == rank:
+            faults = FaultInjector(FaultSection(peers=[rank], kind="abstain", from_round=abstain[1], until_round=abstain[1]), keys[rank], world, 0)
+        averager = Averager(hub.transport(rank), "gossip", build_codec(spec, CodecSettings(fraction=0.5)), topology, keys[rank], roster, faults,
+                            secure=FIXED if secure else None, seed=rank)
+        x = torch.randn(200, generator=torch.Generator().manual_seed(rank)) * 0.1
+        history[rank] = [(x, None)]
+        for t in range(rounds):
+            x, stats = averager.average(x, t)
+            history[rank].append((x, stats))
+
+    threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return topology, history
+
+
+@pytest.mark.parametrize("spec", ["fp32", "randk"])
+def test_secure_mixing_equals_plain_mixing_within_the_fixed_point_bound(spec):
+    rounds = 4
+    topology, secure = secure_rounds(6, "ring.toml", rounds, True, spec=spec)
+    _, plain = secure_rounds(6, "ring.toml", rounds, False, spec=spec)
+    bound = rounds * 2 * FIXED.resolution  # two senders each round, each off by < one step
+    for rank in range(6):
+        for t in range(1, rounds + 1):
+            assert (secure[rank][t][0] - plain[rank][t][0]).abs().max() <= bound
+        stats = secure[rank][1][1]
+        assert stats.mask_s > 0 and stats.dropouts == 0 and not stats.abandoned and stats.local_consensus is None
+
+
+def test_an_abstaining_sender_is_recovered_and_the_sum_covers_the_rest():
+    world = 6  # a 2x3 torus: three senders per peer, so two remain when one abstains
+    topology, history = secure_rounds(world, "torus.toml", 2, True, abstain=(4, 2))
+    weights = topology.weights(0)
+    silent, round_index = 4, 1  # metrics round 2 = gossip round index 1
+    for rank in range(world):
+        before, (after, stats) = history[rank][round_index][0], history[rank][round_index + 1]
+        senders = topology.in_neighbours(rank, round_index)
+        heard = [j for j in senders if j != silent]
+        expected = (1 - sum(weights[rank, j] for j in heard)) * before + sum(weights[rank, j] * history[j][round_index][0] for j in heard)
+        assert (after - expected).abs().max() <= len(heard) * FIXED.resolution + 1e-6
+        assert stats.dropouts == (1 if silent in senders else 0)
+        assert not stats.abandoned
+        if silent in senders:
+            assert stats.rejected == {"abstain": 1}
