@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-local demo-allreduce test bench clean
+.PHONY: install demo demo-local demo-allreduce demo-secure test bench clean
 SUITE ?= quick
 
 install: $(STAMP)
@@ -27,6 +27,9 @@ demo-local: install
 
 demo-allreduce: install
 	$(VENV)/bin/p2pfed run launch/configs/demo-allreduce.toml --overwrite
+
+demo-secure: install
+	$(VENV)/bin/p2pfed run launch/configs/demo-secure.toml --overwrite
 
 bench: install
 	$(VENV)/bin/p2pfed bench $(SUITE)

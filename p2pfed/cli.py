@@ -13,6 +13,7 @@ from p2pfed.config import Config, ConfigError, load_config, save_config
 from p2pfed.data import DataError, shakespeare_dir
 from p2pfed.identity import IdentityError, keygen
 from p2pfed.model import EMBEDDED_NAME, ModelError, embedded_model_dir
+from p2pfed.secure import FixedPoint, check_secure_topology
 from p2pfed.topology import TopologyError, describe, draw, load_topology
 
 RUN_OUTPUTS = ("metrics", "adapters", "keys", "summary.md", "summary.json", "config.json")
@@ -25,7 +26,9 @@ def prepare(config: Config) -> None:
     if config.data.source == "shakespeare":
         shakespeare_dir()
     if config.gossip.mode == "gossip":
-        load_topology(config.gossip.topology, config.run.peers)  # fail here, not in N peers
+        topology = load_topology(config.gossip.topology, config.run.peers)  # fail here, not in N peers
+        if config.gossip.secure:
+            check_secure_topology(topology, FixedPoint(config.secure.bound, config.secure.frac_bits))
 
 
 def claim_run_dir(out: Path, overwrite: bool) -> None:

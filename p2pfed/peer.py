@@ -28,6 +28,7 @@ from p2pfed.gossip import Averager, RoundStats
 from p2pfed.identity import Identity, IdentityError, Roster, load_identity
 from p2pfed.metrics import MetricsWriter, mean_of, summary_table
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
+from p2pfed.secure import FixedPoint
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
 from p2pfed.train import BlockSampler, LocalTrainer, evaluate
 from p2pfed.transport import Transport
@@ -109,10 +110,12 @@ class Peer:
         cfg = self.config
         settings = CodecSettings(fraction=cfg.codec.fraction, rank=cfg.codec.rank, chunk=cfg.codec.chunk, seed=cfg.run.seed)
         codec = build_codec(cfg.gossip.codec, settings, self.rank, adapter_layout(self.model))
-        feedback = cfg.gossip.error_feedback == "on" or (cfg.gossip.error_feedback == "auto" and codec.biased)
+        # secure mode sums messages it never sees one by one, so it keeps no per-sender copies
+        feedback = not cfg.gossip.secure and (cfg.gossip.error_feedback == "on" or (cfg.gossip.error_feedback == "auto" and codec.biased))
+        fixed = FixedPoint(cfg.secure.bound, cfg.secure.frac_bits) if cfg.gossip.secure else None
         return Averager(self.transport, cfg.gossip.mode, codec, self.topology, identity, roster, self.faults,
                         algorithm=cfg.gossip.algorithm, gamma=cfg.gossip.gamma, error_feedback=feedback,
-                        initial=adapter_to_vector(self.model))
+                        initial=adapter_to_vector(self.model), secure=fixed, seed=cfg.run.seed * 100_003 + self.rank)
 
     def say(self, text: str) -> None:
         if self.loud:
@@ -165,6 +168,10 @@ class Peer:
             "rejected": sum(sum(h["rejected"].values()) for h in history),
             "injected": self.faults.injected if self.faults else 0,
             "crypto_s_per_round": sum(h["crypto_s"] for h in history) / n,
+            "mask_s_per_round": sum(h["mask_s"] for h in history) / n,
+            "dropouts": sum(h["dropouts"] for h in history),
+            "abandoned": sum(h["abandoned"] for h in history),
+            "clipped": sum(h["clipped"] for h in history),
         }
 
     def one_round(self, round: int, writer: MetricsWriter) -> dict[str, Any]:
@@ -217,7 +224,8 @@ class Peer:
 def _stats_fields(stats: RoundStats) -> dict[str, Any]:
     return {"bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received, "bytes_estimated": stats.bytes_estimated, "bytes_fp32": stats.bytes_fp32,
             "codec_s": stats.codec_s, "crypto_s": stats.crypto_s, "comm_s": stats.comm_s, "neighbours": stats.neighbours, "rejected": stats.rejected,
-            "local_consensus": stats.local_consensus}
+            "local_consensus": stats.local_consensus, "mask_s": stats.mask_s, "clipped": stats.clipped, "dropouts": stats.dropouts,
+            "abandoned": stats.abandoned}
 
 
 def _ratio(uncompressed: int, sent: int) -> float | None:
@@ -230,8 +238,14 @@ def _bytes_line(config: Config, info: dict[str, Any]) -> str:
         return "No messages (mode `local`)."
     ratio = f", {info['compression']:.1f}x fewer than fp32 envelopes" if info["compression"] else ""
     estimated = " (estimated for a ring all-reduce)" if config.gossip.mode == "allreduce" else ""
-    return (f"Bytes sent{estimated}: {info['bytes_total']:,} in total, {info['bytes_per_peer_per_round']:,.0f} per peer per round; "
+    line = (f"Bytes sent{estimated}: {info['bytes_total']:,} in total, {info['bytes_per_peer_per_round']:,.0f} per peer per round; "
             f"codec `{config.gossip.codec}`, algorithm `{config.gossip.algorithm}`, LoRA share `{config.lora.share}`{ratio}.")
+    if config.gossip.secure:
+        rows = info["peers_table"]
+        line += (f" Secure (pairwise-masked) averaging: masks took {mean_of(rows, 'mask_s_per_round') or 0:.4f} s per peer per round; "
+                 f"{sum(r['dropouts'] for r in rows)} dropped senders recovered, {sum(r['abandoned'] for r in rows)} sums abandoned, "
+                 f"{sum(r['clipped'] for r in rows)} values clipped to +-{config.secure.bound}.")
+    return line
 
 
 def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str, str], topology: Topology | None, wall_s: float) -> str:
@@ -243,7 +257,7 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
         "mode": config.gossip.mode, "topology": config.gossip.topology if topology else None,
         "spectral_gap": topology.spectral_gap() if topology else None, "peers": config.run.peers,
         "rounds": config.run.rounds, "local_steps": config.run.local_steps, "model": config.model.name,
-        "codec": config.gossip.codec, "algorithm": config.gossip.algorithm, "share": config.lora.share,
+        "codec": config.gossip.codec, "algorithm": config.gossip.algorithm, "share": config.lora.share, "secure": config.gossip.secure,
         "global_ppl_before": before, "global_ppl_after": after, "global_ppl_change_pct": change,
         "bytes_total": sum(r["bytes_total"] for r in rows), "bytes_per_peer_per_round": mean_of(rows, "bytes_per_round"),
         "compression": mean_of(rows, "compression"),

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, read_jsonl, run_cli
 from p2pfed.config import load_config
+from p2pfed.topology import load_topology
 from p2pfed.model import save_adapter, tiny_model, tiny_tokenizer, wrap_lora
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
@@ -124,3 +125,22 @@ def test_consensus_control_takes_extra_steps_and_logs_them(tmp_path):
     quiet = tiny_run(tmp_path, "quiet", "run.rounds=3", "consensus.every=2")
     logged = [row["consensus"] is not None for row in read_jsonl(quiet / "metrics" / "peer0.jsonl")]
     assert logged == [True, False, True, True]  # round 0, then every 2nd round and the last
+
+
+def test_secure_run_survives_an_abstaining_peer_and_keeps_training(tmp_path):
+    out = tiny_run(tmp_path, "secure", "run.peers=6", "run.rounds=3", "gossip.secure=true", "gossip.topology=topologies/torus.toml",
+                   "faults.peers=[4]", "faults.kind=abstain", "faults.from_round=2", "faults.until_round=2")
+    torus = load_topology(ROOT / "topologies/torus.toml", 6)
+    for rank in range(6):
+        rows = read_jsonl(out / "metrics" / f"peer{rank}.jsonl")
+        assert [row["round"] for row in rows] == [0, 1, 2, 3]
+        assert rows[-1]["global_ppl"] < rows[0]["global_ppl"]
+        assert all(row["mask_s"] > 0 and not row["abandoned"] for row in rows[1:])
+        assert [row["dropouts"] for row in rows[1:]] == [0, int(4 in torus.in_neighbours(rank, 1)), 0]
+    assert "Secure (pairwise-masked) averaging" in (out / "summary.md").read_text()
+
+
+def test_secure_mode_refuses_a_one_sender_topology_before_launch(tmp_path):
+    result = run_cli("run", str(TINY), f"run.out={tmp_path / 'x'}", "gossip.secure=true", "gossip.topology=topologies/onepeer-exponential.toml")
+    assert result.returncode == 1
+    assert "secure mode needs two or more senders" in result.stderr and "Traceback" not in result.stderr
