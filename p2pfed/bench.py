@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from p2pfed.config import ConfigError, config_from_dict, load_config
 from p2pfed.metrics import mean_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +57,17 @@ COMPRESSION_ROWS = (
     Row("low rank 2 + int8, error feedback", ("gossip.codec=lowrank+int8", "codec.rank=2", "gossip.error_feedback=on")),
     Row("share B (A frozen), fp32", ("lora.share=B",)),
 )
+SECURE_ROWS = (
+    Row("plain gossip, fp32"),
+    Row("secure (pairwise-masked), fp32", ("gossip.secure=true",)),
+)
 SUITES = {
     "quick": Suite("launch/configs/tiny.toml", "compression settings on the tiny random Llama (a smoke test of the harness)",
                    COMPRESSION_ROWS, ("run.rounds=12", "run.eval_every=12")),
     "compression": Suite("launch/configs/demo.toml", "compression settings on the demo task (SmolLM2-135M, 4 peers, ring)",
                          COMPRESSION_ROWS, ("run.eval_every=12",)),
+    "secure": Suite("launch/configs/demo.toml", "secure averaging against plain gossip on the demo task (SmolLM2-135M, 4 peers, ring)",
+                    SECURE_ROWS, ("run.eval_every=12",)),
 }
 
 
@@ -71,6 +78,8 @@ class BenchRun:
     suite_name: str
     out: Path
     only: list[str] = field(default_factory=list)
+    fresh: bool = False
+    """Run every row even when a finished run of the identical config is already on disk."""
 
     def rows(self) -> list[Row]:
         suite = SUITES[self.suite_name]
@@ -87,6 +96,11 @@ class BenchRun:
                    f"run.out={run_dir}", *suite.common, *row.overrides]
         log_path = run_dir.with_suffix(".log")
         print(f"[bench] {index}/{total} {row.name}: {' '.join(row.overrides) or '(base config)'}", flush=True)
+        wanted = load_config(ROOT / suite.base, [f"run.out={run_dir}", *suite.common, *row.overrides]).to_dict()
+        finished = None if self.fresh else find_finished_run(self.out / "runs", wanted)
+        if finished is not None:
+            print(f"    reusing the finished run of the identical config in {finished} (--fresh to run it again)", flush=True)
+            return self.collect(row, finished, 0.0)
         started = time.perf_counter()
         with open(log_path, "w", encoding="utf-8") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -99,15 +113,36 @@ class BenchRun:
         if code != 0:
             tail = log_path.read_text(encoding="utf-8").splitlines()[-15:]
             raise RuntimeError(f"row {row.name!r} failed (status {code}); log {log_path}:\n" + "\n".join(tail))
+        return self.collect(row, run_dir, time.perf_counter() - started)
+
+    @staticmethod
+    def collect(row: Row, run_dir: Path, wall_s: float) -> dict[str, Any]:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        return {"name": row.name, "overrides": list(row.overrides), "wall_s": time.perf_counter() - started,
+        return {"name": row.name, "overrides": list(row.overrides), "run_dir": str(run_dir), "wall_s": wall_s or summary["wall_s"],
                 **row_figures(summary), "config": config}
 
     def run(self) -> Path:
         rows = self.rows()
         results = [self.run_row(i, len(rows), row) for i, row in enumerate(rows, start=1)]
         return write_results(self.suite_name, results, self.out / "results")
+
+
+def find_finished_run(runs: Path, wanted: dict[str, Any]) -> Path | None:
+    """A finished run directory whose resolved config equals `wanted` (run.out aside)."""
+    def key(config: dict[str, Any]) -> str:
+        return json.dumps({**config, "run": {k: v for k, v in config["run"].items() if k != "out"}}, sort_keys=True)
+
+    target = key(json.loads(json.dumps(wanted)))
+    for config_path in sorted(runs.glob("*/*/config.json")):
+        if (config_path.parent / "summary.json").exists():
+            try:  # reloading fills in settings added since that run, at their defaults
+                stored = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path)).to_dict()
+            except (json.JSONDecodeError, ConfigError):
+                continue
+            if key(stored) == target:
+                return config_path.parent
+    return None
 
 
 def slug(name: str) -> str:
@@ -129,6 +164,7 @@ def row_figures(summary: dict[str, Any]) -> dict[str, Any]:
         "compute_s": mean_of(peers, "compute_s_per_round"),
         "codec_s": mean_of(peers, "codec_s_per_round"),
         "crypto_s": mean_of(peers, "crypto_s_per_round"),
+        "mask_s": mean_of(peers, "mask_s_per_round") or 0.0,
         "comm_s": mean_of(peers, "comm_s_per_round"),
         "round_s": mean_of(peers, "round_s"),
     }
@@ -144,8 +180,8 @@ def table(results: list[dict[str, Any]]) -> str:
     reference = results[0]
     lines = [
         "| setting | bytes/peer/round | fewer bytes than row 1 | global ppl | gap to row 1 | own ppl | consensus Xi^2 "
-        "| s/round | compute | codec | crypto | comm |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| s/round | compute | codec | crypto | masks | comm |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ratio = reference["bytes_per_peer_per_round"] / r["bytes_per_peer_per_round"] if r["bytes_per_peer_per_round"] else None
@@ -153,7 +189,7 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['name']} | {r['bytes_per_peer_per_round']:,.0f} | {'-' if ratio is None else f'{ratio:.1f}x'} "
             f"| {r['global_ppl']:.2f} | {gap:+.2f}% | {r['own_ppl']:.2f} | {r['consensus']:.2e} "
-            f"| {r['round_s']:.2f} | {r['compute_s']:.2f} | {r['codec_s']:.4f} | {r['crypto_s']:.4f} | {r['comm_s']:.3f} |"
+            f"| {r['round_s']:.2f} | {r['compute_s']:.2f} | {r['codec_s']:.4f} | {r['crypto_s']:.4f} | {r.get('mask_s', 0.0):.4f} | {r['comm_s']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -189,7 +225,7 @@ def write_results(suite_name: str, results: list[dict[str, Any]], directory: Pat
         "",
         "Bytes are the serialized signed envelopes handed to the transport (sent, per peer per round). "
         "Global ppl: mean over peers of the final perplexity on the shared held-out set. Own ppl: on each peer's own held-out text. "
-        "Seconds per round are means over peers: compute is local training, codec encode+decode, crypto sign+verify, comm the exchange including waiting for the slowest neighbour; the rest of a round is monitoring and evaluation.",
+        "Seconds per round are means over peers: compute is local training, codec encode+decode (fixed point in secure mode), crypto sign+verify, masks the secure-mode mask generation, comm the exchange including waiting for the slowest neighbour; the rest of a round is monitoring and evaluation.",
         "",
         f"Reproduce: `make bench SUITE={suite_name}`.",
     ])

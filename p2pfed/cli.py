@@ -129,7 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"bench: unknown suite {args.suite!r}; expected one of {', '.join(SUITES)}")
     only = [r.strip() for r in args.rows.split(",")] if args.rows else []
     try:
-        path = BenchRun(args.suite, Path(args.out), only).run()
+        path = BenchRun(args.suite, Path(args.out), only, args.fresh).run()
     except (ValueError, RuntimeError) as err:
         print(f"p2pfed bench: {err}", file=sys.stderr)
         return 1
@@ -179,9 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="run a benchmark suite and write its table to bench/results/")
-    bench.add_argument("suite", help="quick (tiny model, minutes) or compression (SmolLM2 demo task, ~45 min)")
+    bench.add_argument("suite", help="quick (tiny model, minutes), compression (SmolLM2 demo task, ~1 h) or secure (~15 min)")
     bench.add_argument("--rows", help="comma-separated parts of row names to run (default: all)")
     bench.add_argument("--out", default="bench", help="directory for runs/ and results/ (default: bench)")
+    bench.add_argument("--fresh", action="store_true", help="rerun rows whose identical config already finished under OUT/runs")
     bench.set_defaults(func=cmd_bench)
     return parser
 
