@@ -25,7 +25,7 @@ from p2pfed.config import ConfigError
 from p2pfed.faults import FaultInjector
 from p2pfed.identity import Identity, Roster
 from p2pfed.topology import Topology
-from p2pfed.transport import Transport
+from p2pfed.transport import Transport, TransportTimeout
 from p2pfed.secure import ABSTAIN, CORRECTION, REQUEST, FixedPoint, SecureCost, SecureError, SecureNeighbourhood, check_secure_topology, decode_missing, encode_missing
 from p2pfed.wire import OVERHEAD, Verifier, WireError, seal
 
@@ -126,16 +126,19 @@ class Averager:
             return vector, RoundStats()
         if self.mode == "allreduce":
             return self._allreduce(vector)
-        if self.secure is not None:
-            return self._secure_gossip(vector, round, step)
-        return self._gossip(vector, round, step)
+        try:
+            if self.secure is not None:
+                return self._secure_gossip(vector, round, step)
+            return self._gossip(vector, round, step)
+        except TransportTimeout as err:
+            raise TransportTimeout(f"round {round + 1}{f' step {step}' if step else ''}: {err}") from None
 
-    def _exchange(self, outgoing: dict[int, bytes], incoming_from: list[int], stats: RoundStats) -> dict[int, bytes]:
+    def _exchange(self, outgoing: dict[int, bytes], incoming_from: list[int], stats: RoundStats, partial: bool = False) -> dict[int, bytes]:
         """One lockstep exchange, timed and counted."""
         self.exchanges += 1
         stats.bytes_sent += sum(len(m) for m in outgoing.values())
         start = time.perf_counter()
-        incoming = self.transport.exchange(outgoing, incoming_from, tag=self.exchanges)
+        incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial)
         stats.comm_s += time.perf_counter() - start
         stats.bytes_received += sum(len(m) for m in incoming.values())
         return incoming
@@ -182,7 +185,7 @@ class Averager:
             outgoing = self.faults.corrupt(outgoing, round + 1)
         stats.bytes_fp32 = len(outgoing) * (OVERHEAD + 4 * vector.numel())
         present: dict[int, bytes] = {}
-        for j, message in sorted(self._exchange(outgoing, senders, stats).items()):
+        for j, message in sorted(self._exchange(outgoing, senders, stats, partial=True).items()):
             opened = self._open(message, j, round, step, senders, 4 * count, (secure.codec_id, ABSTAIN), stats)
             if opened is not None and opened[0] == ABSTAIN:
                 stats.rejected["abstain"] = stats.rejected.get("abstain", 0) + 1
@@ -195,7 +198,7 @@ class Averager:
 
         reports = self._seal_all({j: encode_missing(missing) for j in senders}, round, step, REQUEST, stats)
         requests: dict[int, list[int]] = {}
-        for i, message in sorted(self._exchange(reports, receivers, stats).items()):
+        for i, message in sorted(self._exchange(reports, receivers, stats, partial=True).items()):
             opened = self._open(message, i, round, step, receivers, 4 * self.transport.world_size, (REQUEST,), stats)
             try:
                 requests[i] = decode_missing(opened[1], self.topology.in_neighbours(i, round)) if opened else []
@@ -203,7 +206,7 @@ class Averager:
                 log.warning("peer %d, round %d: ignoring peer %d's dropout report: %s", self.rank, round + 1, i, err)
         fixes = self._seal_all(secure.corrections(requests, round, step, count, cost), round, step, CORRECTION, stats)
         expected = sorted(present) if secure.expects_corrections(senders, missing) else []
-        corrections = {j: opened[1] for j, m in self._exchange(fixes, expected, stats).items()
+        corrections = {j: opened[1] for j, m in self._exchange(fixes, expected, stats, partial=True).items()
                        if (opened := self._open(m, j, round, step, expected, 4 * count, (CORRECTION,), stats)) is not None}
 
         stats.mask_s, stats.clipped, stats.dropouts = cost.mask_s, cost.clipped, len(missing)

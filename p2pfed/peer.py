@@ -31,7 +31,7 @@ from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_d
 from p2pfed.secure import FixedPoint
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
 from p2pfed.train import BlockSampler, LocalTrainer, evaluate
-from p2pfed.transport import Transport
+from p2pfed.transport import Transport, TransportTimeout
 
 log = logging.getLogger("p2pfed.peer")
 
@@ -327,10 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         device = choose_device(config.model)
         init_process_group(device, config.gossip.timeout_s)
         try:
-            run(config, TorchTransport(device), device)
+            run(config, TorchTransport(device, config.gossip.timeout_s), device)
         finally:
             shutdown()
-    except (ConfigError, TopologyError, DataError, ModelError, IdentityError) as err:
+    except (ConfigError, TopologyError, DataError, ModelError, IdentityError, TransportTimeout) as err:
         print(f"p2pfed peer {rank}: {err}", file=sys.stderr)
         return 1
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from typing import Protocol
 
 import torch
@@ -31,8 +32,12 @@ class Transport(Protocol):
     rank: Rank
     world_size: int
 
-    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int) -> dict[Rank, bytes]:
-        """Send `outgoing[j]` to each j, receive one message from each of `incoming_from`."""
+    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False) -> dict[Rank, bytes]:
+        """Send `outgoing[j]` to each j, receive one message from each of `incoming_from`.
+
+        A neighbour silent past the timeout raises TransportTimeout naming it; with
+        `partial`, a transport that can skip a message safely returns without it instead.
+        """
         ...
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -62,22 +67,26 @@ def shutdown() -> None:
 class TorchTransport:
     """Point-to-point exchange over the default torch.distributed group."""
 
-    def __init__(self, device: torch.device | None = None) -> None:
+    def __init__(self, device: torch.device | None = None, timeout_s: float = 300.0) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device or torch.device("cpu")
+        self.timeout_s = timeout_s
 
-    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int) -> dict[Rank, bytes]:
+    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False) -> dict[Rank, bytes]:
+        # A point-to-point stream cannot skip a message (a late one would be read as the next),
+        # so `partial` does not apply here: a silent neighbour stops this peer, naming it.
+        deadline = time.monotonic() + self.timeout_s
         # Phase 1: lengths, so each receiver can allocate its buffer.
         sent_lengths = {j: torch.tensor([len(b)], dtype=torch.int64, device=self.device) for j, b in outgoing.items()}
         got_lengths = {j: torch.zeros(1, dtype=torch.int64, device=self.device) for j in incoming_from}
-        self._wait([dist.isend(t, dst=j, tag=_LENGTH_TAG) for j, t in sent_lengths.items()]
-                   + [dist.irecv(t, src=j, tag=_LENGTH_TAG) for j, t in got_lengths.items()])
+        self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_LENGTH_TAG)) for j, t in sent_lengths.items()]
+                   + [("hear from", j, dist.irecv(t, src=j, tag=_LENGTH_TAG)) for j, t in got_lengths.items()], deadline)
         # Phase 2: payloads (empty ones are not sent: both sides know the length is 0).
         sent = {j: self._to_tensor(b) for j, b in outgoing.items() if b}
         received = {j: torch.empty(int(t.item()), dtype=torch.uint8, device=self.device) for j, t in got_lengths.items()}
-        self._wait([dist.isend(t, dst=j, tag=_PAYLOAD_TAG) for j, t in sent.items()]
-                   + [dist.irecv(t, src=j, tag=_PAYLOAD_TAG) for j, t in received.items() if t.numel()])
+        self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_PAYLOAD_TAG)) for j, t in sent.items()]
+                   + [("hear from", j, dist.irecv(t, src=j, tag=_PAYLOAD_TAG)) for j, t in received.items() if t.numel()], deadline)
         return {j: t.cpu().numpy().tobytes() for j, t in received.items()}
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -100,10 +109,14 @@ class TorchTransport:
     def _to_tensor(self, data: bytes) -> torch.Tensor:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
 
-    @staticmethod
-    def _wait(works: list) -> None:
-        for work in works:
-            work.wait()
+    def _wait(self, works: list[tuple[str, Rank, dist.Work]], deadline: float) -> None:
+        """Wait for every send and receive; the first one past the deadline names its peer."""
+        for action, peer, work in works:
+            try:
+                work.wait(datetime.timedelta(seconds=max(0.001, deadline - time.monotonic())))
+            except RuntimeError:
+                raise TransportTimeout(f"peer {self.rank} could not {action} peer {peer} within the {self.timeout_s:g} s timeout "
+                                       f"([gossip] timeout_s); peer {peer} may have stopped or be stuck") from None
 
 
 class LocalHub:
@@ -129,7 +142,7 @@ class LocalTransport:
         self.world_size = hub.world_size
         self.calls = 0
 
-    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int) -> dict[Rank, bytes]:
+    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False) -> dict[Rank, bytes]:
         hub = self.hub
         with hub.condition:
             for j, data in outgoing.items():
@@ -138,8 +151,10 @@ class LocalTransport:
             keys = [(j, self.rank, tag) for j in incoming_from]
             if not hub.condition.wait_for(lambda: all(k in hub.mail for k in keys), timeout=hub.timeout_s):
                 missing = [k[0] for k in keys if k not in hub.mail]
-                raise TransportTimeout(f"peer {self.rank}, tag {tag}: no message from peer(s) {missing} within {hub.timeout_s:.0f} s")
-            return {k[0]: hub.mail.pop(k) for k in keys}
+                if not partial:
+                    raise TransportTimeout(f"peer {self.rank} could not hear from peer {missing[0]} within the {hub.timeout_s:g} s timeout "
+                                           f"([gossip] timeout_s); peer {missing[0]} may have stopped or be stuck")
+            return {k[0]: hub.mail.pop(k) for k in keys if k in hub.mail}  # mailboxes skip safely: a late letter is never read
 
     def _collective(self, kind: str, value):
         """Every peer contributes one value; all get the list in rank order."""

@@ -194,3 +194,28 @@ def test_an_abstaining_sender_is_recovered_and_the_sum_covers_the_rest():
         assert not stats.abandoned
         if silent in senders:
             assert stats.rejected == {"abstain": 1}
+
+
+def test_a_sender_that_never_arrives_is_recovered_after_the_timeout():
+    world, dead = 6, 4
+    hub = LocalHub(world, timeout_s=1.0)
+    topology = load_topology(ROOT / "topologies/torus.toml", world)
+    keys, roster = identities(world)
+    vectors = {r: torch.randn(50, generator=torch.Generator().manual_seed(r)) * 0.1 for r in range(world)}
+    results: dict = {}
+
+    def peer(rank):
+        if rank == dead:
+            return  # crashed before the round: sends nothing, answers nothing
+        averager = Averager(hub.transport(rank), "gossip", build_codec("fp32"), topology, keys[rank], roster, secure=FIXED, seed=rank)
+        results[rank] = averager.average(vectors[rank], 0)
+
+    threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    weights = topology.weights(0)
+    for rank, (mixed, stats) in results.items():
+        heard = [j for j in topology.in_neighbours(rank, 0) if j != dead]
+        expected = (1 - sum(weights[rank, j] for j in heard)) * vectors[rank] + sum(weights[rank, j] * vectors[j] for j in heard)
+        assert (mixed - expected).abs().max() <= len(heard) * FIXED.resolution + 1e-6
+        assert stats.dropouts == (1 if dead in topology.in_neighbours(rank, 0) else 0) and not stats.abandoned
