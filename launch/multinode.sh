@@ -6,7 +6,9 @@
 #
 #   launch/multinode.sh CONFIG NNODES PEERS_PER_NODE ENDPOINT [RUN_ID] [section.key=value ...]
 #
-# The config's run.peers must equal NNODES * PEERS_PER_NODE. Example, two nodes:
+# The config's run.peers must equal NNODES * PEERS_PER_NODE. MAX_RESTARTS (default 3) is
+# passed to torchrun: when a peer dies, the group restarts and resumes from the newest
+# round every peer checkpointed. Example, two nodes:
 #   node A: launch/multinode.sh launch/configs/demo.toml 2 2 nodeA:29400 demo
 #   node B: launch/multinode.sh launch/configs/demo.toml 2 2 nodeA:29400 demo
 set -euo pipefail
@@ -20,5 +22,5 @@ PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / per_node > 0 ? $(nproc) / per_node : 1 ))}
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes="$nnodes" --nproc-per-node="$per_node" \
-  --rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="$run_id" \
+  --rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="$run_id" --max-restarts="${MAX_RESTARTS:-3}" \
   -m p2pfed.peer "$config" "run.peers=$((nnodes * per_node))" "$@"

@@ -16,7 +16,7 @@ from p2pfed.model import EMBEDDED_NAME, ModelError, embedded_model_dir
 from p2pfed.secure import FixedPoint, check_secure_topology
 from p2pfed.topology import TopologyError, describe, draw, load_topology
 
-RUN_OUTPUTS = ("metrics", "adapters", "keys", "summary.md", "summary.json", "config.json")
+RUN_OUTPUTS = ("metrics", "adapters", "keys", "checkpoints", "summary.md", "summary.json", "config.json")
 
 
 def prepare(config: Config) -> None:
@@ -31,18 +31,23 @@ def prepare(config: Config) -> None:
             check_secure_topology(topology, FixedPoint(config.secure.bound, config.secure.frac_bits))
 
 
-def claim_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run's results unless asked to."""
+def claim_run_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to clobber an earlier run's results unless asked to (`--overwrite`), or keep them to continue it (`--resume`)."""
     existing = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    if resume:
+        if not (out / "checkpoints").exists():
+            raise ConfigError(f"{out}: --resume, but there is no checkpoints/ to resume from; drop --resume to start the run")
+        return
     if existing and not overwrite:
-        raise ConfigError(f"{out}: already holds a run ({existing[0].name}); pass --overwrite or choose another run.out")
+        raise ConfigError(f"{out}: already holds a run ({existing[0].name}); pass --resume to continue it, --overwrite to replace it, "
+                          "or choose another run.out")
     for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
-def torchrun_command(config_path: Path, peers: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={peers}",
+def torchrun_command(config_path: Path, peers: int, max_restarts: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={peers}", f"--max-restarts={max_restarts}",
             "-m", "p2pfed.peer", str(config_path)]
 
 
@@ -51,8 +56,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     prepare(config)
     out = Path(config.run.out)
-    claim_run_dir(out, args.overwrite)
-    if config.gossip.mode == "gossip" and not config.identity.roster:
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite: choose one (continue the run, or replace it)")
+    claim_run_dir(out, args.overwrite, args.resume)
+    if config.gossip.mode == "gossip" and not config.identity.roster and not (args.resume and (out / "keys" / "roster.json").exists()):
         roster = keygen(config.run.peers, out / "keys")
         print(f"[p2pfed] [identity] names no keys: created {config.run.peers} peer keys and {roster} for this run", flush=True)
     resolved = out / "config.json"
@@ -60,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     threads = config.run.threads or max(1, (os.cpu_count() or 1) // config.run.peers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     print(f"[p2pfed] launching {config.run.peers} peers with torchrun; resolved config in {resolved}", flush=True)
-    code = subprocess.call(torchrun_command(resolved, config.run.peers), env=env)
+    code = subprocess.call(torchrun_command(resolved, config.run.peers, config.run.max_restarts), env=env)
     if code != 0:
         print(f"p2pfed run: torchrun exited with status {code}; see the peer messages above", file=sys.stderr)
         return code
@@ -147,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="section.key=value, e.g. gossip.mode=allreduce")
     run.add_argument("--peers", type=int, help="number of peers (overrides run.peers)")
     run.add_argument("--overwrite", action="store_true", help="replace results already in run.out")
+    run.add_argument("--resume", action="store_true", help="continue the run in run.out from its newest common checkpoint")
     run.set_defaults(func=cmd_run)
 
     peer = sub.add_parser("peer", help="one peer; run under torchrun")

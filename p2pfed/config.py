@@ -39,13 +39,18 @@ class RunSection:
     out: str = "runs/demo"
     threads: int = 0
     """Torch threads per peer; 0 = cores / local peers (at least 1)."""
+    checkpoint_every: int = 1
+    """Each peer checkpoints every C rounds (and after the last), keeping the newest two."""
+    max_restarts: int = 3
+    """torchrun restarts the whole group up to this many times when a peer dies; peers
+    then resume from the newest round every peer has a checkpoint for."""
     prompt: str = "ROMEO.\n"
     """Prompt for the before/after samples printed at the end of a run."""
     sample_tokens: int = 40
 
     def check(self) -> None:
-        _positive(self, "peers", "rounds", "local_steps", "eval_every")
-        _at_least(self, 0, "threads", "sample_tokens")
+        _positive(self, "peers", "rounds", "local_steps", "eval_every", "checkpoint_every")
+        _at_least(self, 0, "threads", "sample_tokens", "max_restarts")
 
 
 @dataclass(kw_only=True)
@@ -254,7 +259,7 @@ class IdentitySection:
             raise ConfigError("[identity] key: expected a path template with {rank}, e.g. 'keys/peer{rank}.pem'")
 
 
-FAULT_KINDS = ("flip", "foreign_key", "replay", "misaddress", "abstain")
+FAULT_KINDS = ("flip", "foreign_key", "replay", "misaddress", "abstain", "crash")
 
 
 @dataclass(kw_only=True)
@@ -266,7 +271,9 @@ class FaultSection:
     kind: str = "flip"
     """'flip' (a payload bit), 'foreign_key' (signed with a key outside the roster),
     'replay' (last round's message again), 'misaddress' (a message meant for a non-neighbour),
-    'abstain' (a signed abstain instead of the data: secure mode's dropout path)."""
+    'abstain' (a signed abstain instead of the data: secure mode's dropout path),
+    'crash' (the process kills itself with SIGKILL at the start of `from_round`, on the
+    first attempt only: exercises elastic restart and resume)."""
     from_round: int = 1
     until_round: int = 0
     """Last round that misbehaves; 0 = to the end."""

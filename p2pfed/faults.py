@@ -7,7 +7,9 @@ can check that every one was refused.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -31,10 +33,15 @@ class FaultInjector:
         self.previous: dict[int, bytes] = {}
         self.injected = 0
 
+    def maybe_crash(self, round: int, restart: int) -> None:
+        """kind 'crash': die like `kill -9` at the start of `from_round`, the first time only."""
+        if self.kind == "crash" and round == self.from_round and restart == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def corrupt(self, outgoing: dict[int, bytes], round: int) -> dict[int, bytes]:
         """Return the messages this peer really sends for metrics `round` (1-based)."""
         honest = dict(outgoing)
-        if round >= self.from_round and (not self.until_round or round <= self.until_round):
+        if self.kind != "crash" and round >= self.from_round and (not self.until_round or round <= self.until_round):
             outgoing = {j: self._corrupt_one(j, m) for j, m in outgoing.items()}
             self.injected += sum(outgoing[j] != honest[j] for j in outgoing)
         self.previous = honest

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from p2pfed.codec import Codec, CodecError, Decoded, ErrorFeedback
+from p2pfed.codec import Codec, CodecError, Decoded, ErrorFeedback, StochasticInt
 from p2pfed.config import ConfigError
 from p2pfed.faults import FaultInjector
 from p2pfed.identity import Identity, Roster
@@ -132,6 +132,28 @@ class Averager:
             return self._gossip(vector, round, step)
         except TransportTimeout as err:
             raise TransportTimeout(f"round {round + 1}{f' step {step}' if step else ''}: {err}") from None
+
+    def state(self) -> dict:
+        """Codec randomness, error-feedback and CHOCO copies: what a restart must not lose."""
+        values = self.codec.values
+        return {
+            "exchanges": self.exchanges, "last_sent": self.last_sent, "own_copy": self.own_copy, "copies": self.copies,
+            "lost": sorted(self.lost), "residual": self.feedback.residual if self.feedback else None,
+            "warm_start": self.codec.warm_start,
+            "rounding": values.generator.get_state() if isinstance(values, StochasticInt) else None,
+            "secure": self.secure.generator.get_state() if self.secure else None,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.exchanges, self.last_sent, self.own_copy = state["exchanges"], state["last_sent"], state["own_copy"]
+        self.copies, self.lost = state["copies"], set(state["lost"])
+        if self.feedback is not None:
+            self.feedback.residual = state["residual"]
+        self.codec.warm_start = state["warm_start"]
+        if state["rounding"] is not None and isinstance(self.codec.values, StochasticInt):
+            self.codec.values.generator.set_state(state["rounding"])
+        if state["secure"] is not None and self.secure is not None:
+            self.secure.generator.set_state(state["secure"])
 
     def _exchange(self, outgoing: dict[int, bytes], incoming_from: list[int], stats: RoundStats, partial: bool = False) -> dict[int, bytes]:
         """One lockstep exchange, timed and counted."""

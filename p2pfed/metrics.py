@@ -14,10 +14,16 @@ from typing import Any
 class MetricsWriter:
     """Appends one JSON object per line, flushed, so a crash loses at most one line."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, keep_until_round: int | None = None) -> None:
+        """A new file, or (resuming) the existing one cut back to the rounds up to `keep_until_round`."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if keep_until_round is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path, skip_broken=True) if r.get("round", 0) <= keep_until_round]
         self.handle = open(self.path, "w", encoding="utf-8")
+        for record in kept:
+            self.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
         self.handle.write(json.dumps(record, sort_keys=True) + "\n")
@@ -27,10 +33,19 @@ class MetricsWriter:
         self.handle.close()
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of one peer's metrics file."""
+def read_metrics(path: str | Path, skip_broken: bool = False) -> list[dict[str, Any]]:
+    """All records of one peer's metrics file (`skip_broken`: drop a line a crash cut short)."""
+    records = []
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not skip_broken:
+                    raise
+    return records
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -26,7 +27,8 @@ from p2pfed.data import DataError, PeerData, load_peer_data
 from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager, RoundStats
 from p2pfed.identity import Identity, IdentityError, Roster, load_identity
-from p2pfed.metrics import MetricsWriter, mean_of, summary_table
+from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round
+from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
 from p2pfed.secure import FixedPoint
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
@@ -48,6 +50,9 @@ class RunPaths:
 
     def peer_metrics(self, rank: int) -> Path:
         return self.metrics / f"peer{rank}.jsonl"
+
+    def checkpoints(self, rank: int) -> Path:
+        return self.root / "checkpoints" / f"peer{rank}"
 
     def adapter(self, rank: int) -> Path:
         return self.root / "adapters" / f"peer{rank}"
@@ -77,8 +82,15 @@ def load_keys(config: Config, rank: int, world_size: int) -> tuple[Identity, Ros
     return load_identity(key_template.format(rank=rank), rank, roster), roster
 
 
+class StopRequested(RuntimeError):
+    """SIGINT/SIGTERM arrived; the peer finished its round, checkpointed and stops."""
+
+
 class Peer:
     """Holds one peer's model, data and averager; `run` does the rounds."""
+
+    stop_requested: int = 0
+    """The signal that asked this peer to stop after the current round (0: none)."""
 
     def __init__(self, config: Config, transport: Transport, device: torch.device) -> None:
         self.config = config
@@ -140,12 +152,30 @@ class Peer:
         if self.topology is not None:
             self.say(describe(self.topology))
         self.say(f"[p2pfed] peer 0 data: {self.data.description}; {self.data.train.shape[0]} train blocks")
-        writer = MetricsWriter(self.paths.peer_metrics(self.rank))
-        first = self.evaluate()
-        start_consensus = exact_consensus_distance(adapter_to_vector(self.model), self.transport) if cfg.consensus.every else None
-        writer.write({"rank": self.rank, "round": 0, **first, "consensus": start_consensus})
-        self.say(f"round {0:>3}/{cfg.run.rounds} | global ppl {first['global_ppl'] or float('nan'):.2f} | own ppl {first['own_ppl']:.2f}")
-        history = [self.one_round(r, writer) for r in range(1, cfg.run.rounds + 1)]
+        checkpoints = Checkpoints(self.paths.checkpoints(self.rank), keep=2)
+        resume = agree_on_round(checkpoints.valid_rounds(), self.transport)  # the newest round every peer has
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        writer = MetricsWriter(self.paths.peer_metrics(self.rank), keep_until_round=resume if resume else None)
+        if resume:
+            self.restore(checkpoints.load(resume))
+            history = [r for r in read_metrics(self.paths.peer_metrics(self.rank)) if 0 < r["round"] <= resume]
+            first = read_metrics(self.paths.peer_metrics(self.rank))[0]
+            self.say(f"[p2pfed] resuming from the checkpoint of round {resume} (restart {restart}); rounds 1-{resume} are kept")
+        else:
+            history = []
+            first = self.evaluate()
+            start_consensus = exact_consensus_distance(adapter_to_vector(self.model), self.transport) if cfg.consensus.every else None
+            writer.write({"rank": self.rank, "round": 0, **first, "consensus": start_consensus, "restart": restart})
+            self.say(f"round {0:>3}/{cfg.run.rounds} | global ppl {first['global_ppl'] or float('nan'):.2f} | own ppl {first['own_ppl']:.2f}")
+        for round in range(resume + 1, cfg.run.rounds + 1):
+            record = self.one_round(round, writer, restart, resumed_from=resume if round == resume + 1 and resume else None)
+            history.append(record)
+            if round % cfg.run.checkpoint_every == 0 or round == cfg.run.rounds:
+                checkpoints.save(round, self.state(round))
+            if self.stop_requested:
+                writer.close()
+                raise StopRequested(f"stopped by signal {self.stop_requested} after round {round} (checkpoint of round "
+                                    f"{checkpoints.rounds()[-1] if checkpoints.rounds() else 0} kept); continue with `p2pfed run CONFIG --resume`")
         last = history[-1]  # the last round always evaluates
         writer.close()
         save_adapter(self.model, self.paths.adapter(self.rank))
@@ -174,9 +204,22 @@ class Peer:
             "clipped": sum(h["clipped"] for h in history),
         }
 
-    def one_round(self, round: int, writer: MetricsWriter) -> dict[str, Any]:
+    def state(self, round: int) -> dict[str, Any]:
+        """What this peer needs to continue after `round` exactly as if it had never stopped."""
+        return {"round": round, "adapter": adapter_to_vector(self.model), "trainer": self.trainer.state(),
+                "averager": self.averager.state(), "torch_rng": torch.get_rng_state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        vector_to_adapter(self.model, state["adapter"])
+        self.trainer.restore(state["trainer"])
+        self.averager.restore(state["averager"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def one_round(self, round: int, writer: MetricsWriter, restart: int = 0, resumed_from: int | None = None) -> dict[str, Any]:
         """K local steps, one averaging round, optional eval; writes one metrics line."""
         cfg = self.config
+        if self.faults is not None:
+            self.faults.maybe_crash(round, restart)
         started = time.perf_counter()
         train_loss = self.trainer.train(cfg.run.local_steps)
         compute_s = time.perf_counter() - started
@@ -189,7 +232,9 @@ class Peer:
         monitor_s = max(0.0, gossip_s - stats.codec_s - stats.crypto_s - stats.comm_s)
         record: dict[str, Any] = {"rank": self.rank, "round": round, "train_loss": train_loss, "compute_s": compute_s, **_stats_fields(stats),
                                   "consensus": consensus, "consensus_target": result.target, "gossip_steps": result.steps,
-                                  "monitor_s": monitor_s, "injected": self.faults.injected if self.faults else 0}
+                                  "monitor_s": monitor_s, "injected": self.faults.injected if self.faults else 0, "restart": restart}
+        if resumed_from is not None:
+            record["resumed_from"] = resumed_from
         if round % cfg.run.eval_every == 0 or round == cfg.run.rounds:
             start = time.perf_counter()
             record.update(self.evaluate())
@@ -298,6 +343,7 @@ def run(config: Config, transport: Transport, device: torch.device) -> dict[str,
     """One peer's run, then the gathered summary (written by rank 0)."""
     started = time.perf_counter()
     peer = Peer(config, transport, device)
+    _stop_on_signals(peer)
     if peer.rank == 0:  # multi-node launches bypass `p2pfed run`: record what ran here too
         Path(config.run.out).mkdir(parents=True, exist_ok=True)
         save_config(config, Path(config.run.out) / "config.json")
@@ -306,6 +352,24 @@ def run(config: Config, transport: Transport, device: torch.device) -> dict[str,
     if peer.rank == 0:
         write_summary(config, rows, peer.samples(), peer.topology, time.perf_counter() - started)
     return row
+
+
+def _stop_on_signals(peer: Peer) -> None:
+    """Ctrl+C / SIGTERM: finish the current round, checkpoint it, then stop (a second signal stops at once)."""
+    first = [0.0]
+
+    def ask(signum: int, _frame: Any) -> None:
+        if peer.stop_requested and time.monotonic() - first[0] > 2.0:  # torchrun forwards Ctrl+C once more: ignore echoes
+            raise KeyboardInterrupt
+        if peer.stop_requested:
+            return
+        first[0] = time.monotonic()
+        peer.stop_requested = signum
+        if peer.loud:
+            print(f"[p2pfed] signal {signum}: finishing this round and checkpointing it, then stopping", flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, ask)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
             run(config, TorchTransport(device, config.gossip.timeout_s), device)
         finally:
             shutdown()
-    except (ConfigError, TopologyError, DataError, ModelError, IdentityError, TransportTimeout) as err:
+    except StopRequested as err:
+        print(f"p2pfed peer {rank}: {err}", file=sys.stderr)
+        return 130
+    except (ConfigError, TopologyError, DataError, ModelError, IdentityError, TransportTimeout, CheckpointError) as err:
         print(f"p2pfed peer {rank}: {err}", file=sys.stderr)
         return 1
     return 0

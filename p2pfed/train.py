@@ -22,6 +22,13 @@ class BlockSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.order = torch.empty(0, dtype=torch.long)
 
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order.clone()}
+
+    def restore(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"]
+
     def next_batch(self) -> torch.Tensor:
         if self.order.numel() < self.batch_size:
             self.order = torch.randperm(self.blocks.shape[0], generator=self.generator)
@@ -54,6 +61,15 @@ class LocalTrainer:
         self.optimizer.step()
         self.scheduler.step()
         return float(loss.detach())
+
+    def state(self) -> dict:
+        """Everything local training needs to continue bit for bit after a restart."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state()}
+
+    def restore(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.restore(state["sampler"])
 
     def train(self, steps: int) -> float:
         """`steps` local steps; returns their mean loss."""

@@ -9,9 +9,13 @@ gossip mode, and no process acts as a server.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -54,8 +58,16 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None and "MASTER_ADDR" in os.environ:
+        # After an elastic restart the agent's store still holds the dead group's addresses,
+        # and a fresh group reading them hangs; a key prefix per attempt keeps them apart.
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+        kwargs.update(store=dist.PrefixStore(f"p2pfed/attempt{attempt}", store), rank=rank, world_size=world)
+    dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
 
 
 def shutdown() -> None:
@@ -76,7 +88,10 @@ class TorchTransport:
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False) -> dict[Rank, bytes]:
         # A point-to-point stream cannot skip a message (a late one would be read as the next),
         # so `partial` does not apply here: a silent neighbour stops this peer, naming it.
-        deadline = time.monotonic() + self.timeout_s
+        with _terminable():
+            return self._exchange(outgoing, incoming_from, time.monotonic() + self.timeout_s)
+
+    def _exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], deadline: float) -> dict[Rank, bytes]:
         # Phase 1: lengths, so each receiver can allocate its buffer.
         sent_lengths = {j: torch.tensor([len(b)], dtype=torch.int64, device=self.device) for j, b in outgoing.items()}
         got_lengths = {j: torch.zeros(1, dtype=torch.int64, device=self.device) for j in incoming_from}
@@ -114,9 +129,26 @@ class TorchTransport:
         for action, peer, work in works:
             try:
                 work.wait(datetime.timedelta(seconds=max(0.001, deadline - time.monotonic())))
-            except RuntimeError:
-                raise TransportTimeout(f"peer {self.rank} could not {action} peer {peer} within the {self.timeout_s:g} s timeout "
-                                       f"([gossip] timeout_s); peer {peer} may have stopped or be stuck") from None
+            except RuntimeError as err:
+                if "Timed out" in str(err):
+                    raise TransportTimeout(f"peer {self.rank} could not {action} peer {peer} within the {self.timeout_s:g} s timeout "
+                                           f"([gossip] timeout_s); peer {peer} may have stopped or be stuck") from None
+                raise TransportTimeout(f"peer {self.rank} lost its connection to peer {peer} while trying to {action} it "
+                                       f"(peer {peer} probably stopped: {str(err).split('] ')[-1][:80]})") from None
+
+
+@contextlib.contextmanager
+def _terminable() -> Iterator[None]:
+    """SIGTERM ends the process at once while it waits on the network (a Python handler
+    would only run after the wait): the round is abandoned, the last checkpoint stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class LocalHub:

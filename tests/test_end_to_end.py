@@ -144,3 +144,26 @@ def test_secure_mode_refuses_a_one_sender_topology_before_launch(tmp_path):
     result = run_cli("run", str(TINY), f"run.out={tmp_path / 'x'}", "gossip.secure=true", "gossip.topology=topologies/onepeer-exponential.toml")
     assert result.returncode == 1
     assert "secure mode needs two or more senders" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_peer_killed_mid_run_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_path):
+    common = ("run.rounds=5", "run.eval_every=5")
+    steady = tiny_run(tmp_path, "steady", *common)
+    crashed = tiny_run(tmp_path, "crashed", *common, "faults.peers=[1]", "faults.kind=crash", "faults.from_round=3")
+    for rank in range(4):
+        rows = read_jsonl(crashed / "metrics" / f"peer{rank}.jsonl")
+        assert [row["round"] for row in rows] == [0, 1, 2, 3, 4, 5]  # no completed round lost, none twice
+        assert [row.get("restart", 0) for row in rows] == [0, 0, 0, 1, 1, 1]  # rounds 3-5 ran after the restart
+        assert rows[3]["resumed_from"] == 2
+        for name, tensor in adapter_tensors(steady, rank).items():
+            assert torch.equal(adapter_tensors(crashed, rank)[name], tensor), name  # bit for bit
+    assert sorted(p.name for p in (crashed / "checkpoints" / "peer0").iterdir()) == ["round-000004.pt", "round-000005.pt"]
+
+
+def test_resume_and_overwrite_guard_the_run_directory(tmp_path):
+    out = tiny_run(tmp_path, "guarded", "run.rounds=1")
+    again = run_cli("run", str(TINY), f"run.out={out}", "run.rounds=1")
+    assert again.returncode == 1 and "--resume to continue it, --overwrite to replace it" in again.stderr
+    more = run_cli("run", str(TINY), f"run.out={out}", "run.rounds=2", "--resume")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert [row["round"] for row in read_jsonl(out / "metrics" / "peer0.jsonl")] == [0, 1, 2]
