@@ -22,8 +22,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from p2pfed.metrics import read_metrics  # noqa: E402
 from p2pfed.topology import Topology, TopologyError, load_topology  # noqa: E402
 
-TIME_PARTS = ("compute_s", "codec_s", "crypto_s", "comm_s", "monitor_s", "eval_s")
-TIME_LABELS = ("local training", "codec", "signing + verifying", "communication (incl. waiting)", "mixing + monitoring", "evaluation")
+TIME_PARTS = ("compute_s", "codec_s", "crypto_s", "mask_s", "comm_s", "monitor_s", "eval_s")
+TIME_LABELS = ("local training", "codec", "signing + verifying", "secure masks", "communication (incl. waiting)", "mixing + monitoring", "evaluation")
 
 
 class AnalysisError(ValueError):
