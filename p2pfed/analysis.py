@@ -98,6 +98,16 @@ def _colours(runs: list[Run]) -> list[Any]:
     return [cmap(i % 10) for i in range(len(runs))]
 
 
+def _finish(fig: Figure, *axes: Any, which: str = "major") -> Figure:
+    """Grid, a legend where something is labelled, tight layout."""
+    for ax in axes:
+        ax.grid(alpha=0.3, which=which)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_losses(runs: list[Run]) -> Figure:
     """Train loss and eval perplexity (global and own) per peer against the round."""
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -110,11 +120,7 @@ def plot_losses(runs: list[Run]) -> Figure:
             eval_ax.plot(*run.series(rank, "own_ppl"), color=peer_colour, linestyle=":", alpha=0.8)
     train_ax.set(title="Local training loss", xlabel="round", ylabel="cross-entropy (nats/token)")
     eval_ax.set(title="Eval perplexity (solid: shared held-out set, dotted: peer's own)", xlabel="round", ylabel="perplexity")
-    for ax in (train_ax, eval_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, train_ax, eval_ax)
 
 
 def plot_consensus(runs: list[Run]) -> Figure:
@@ -129,11 +135,7 @@ def plot_consensus(runs: list[Run]) -> Figure:
         if (local > 0).any():
             ax.semilogy(rounds[local > 0], local[local > 0], color=colour, linestyle="--", label=f"{run.label}: local estimate (before mixing)")
     ax.set(title="Consensus distance Xi^2 = (1/n) sum_i ||x_i - mean||^2", xlabel="round", ylabel="squared L2 distance (log)")
-    ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, which="both")
 
 
 def plot_bytes(runs: list[Run]) -> Figure:
@@ -144,11 +146,7 @@ def plot_bytes(runs: list[Run]) -> Figure:
         if len(rounds):
             ax.plot(rounds, np.cumsum(mean_sent) * len(run.peers) / 1e6, color=colour, marker="o", label=run.label)
     ax.set(title="Bytes sent, all peers together (signed envelopes)", xlabel="round", ylabel="cumulative MB")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax)
 
 
 def time_split(run: Run) -> dict[str, float]:
@@ -284,11 +282,6 @@ def plot_consensus_rates(rows: list[dict[str, Any]]) -> Figure:
         scatter.scatter(row["predicted_rate"], row["measured_rate"])
         scatter.annotate(row["topology"], (row["predicted_rate"], row["measured_rate"]), fontsize=7)
     curves.set(title=f"Pure gossip on {rows[0]['n']} peers", xlabel="round", ylabel="consensus distance Xi (log)")
-    curves.legend(fontsize=7)
     scatter.plot([0, 1], [0, 1], color="grey", linestyle="--", label="measured = 1 - spectral gap")
     scatter.set(title="Consensus speed vs spectral gap", xlabel="predicted rate per round (1 - gap)", ylabel="measured rate per round")
-    scatter.legend(fontsize=8)
-    for ax in (curves, scatter):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, curves, scatter)

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch

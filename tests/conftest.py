@@ -21,6 +21,32 @@ def spawn_peers(worker, world_size: int, tmp_path: Path, *args) -> None:
     mp.spawn(worker, args=(world_size, str(store), *args), nprocs=world_size, join=True)
 
 
+def deterministic_identity(rank: int):
+    """Keys derived from the rank, so every spawned process agrees on the roster without a file."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from p2pfed.identity import Identity
+
+    seed = bytes([rank + 1]) * 32
+    return Identity(rank, Ed25519PrivateKey.from_private_bytes(seed), X25519PrivateKey.from_private_bytes(seed))
+
+
+def join_gloo_group(rank: int, world: int, store: str, timeout_s: float | None = None):
+    """Inside a spawned peer: join the gloo group; returns (transport, this peer's keys, roster)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from p2pfed.identity import Roster
+    from p2pfed.transport import TorchTransport
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    keys = [deterministic_identity(r) for r in range(world)]
+    transport = TorchTransport() if timeout_s is None else TorchTransport(timeout_s=timeout_s)
+    return transport, keys[rank], Roster({k.rank: k.public() for k in keys})
+
+
 def identities(world_size: int):
     """Fresh keys for `world_size` peers and their roster (in memory)."""
     from p2pfed.identity import Roster, generate

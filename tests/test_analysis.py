@@ -1,7 +1,6 @@
 """Reports and notebooks on a run directory that a tiny run here produces: every figure is
 saved, several runs overlay, and a directory that is not a run gets one clear sentence."""
 
-import os
 from pathlib import Path
 
 import nbformat

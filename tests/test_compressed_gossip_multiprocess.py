@@ -2,7 +2,6 @@
 with top-1% and with int4 messages, and keeps the network mean; plain compressed
 averaging with error feedback agrees too, but wanders off the mean."""
 
-import datetime
 import json
 from pathlib import Path
 
@@ -10,15 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import spawn_peers
+from conftest import join_gloo_group, spawn_peers
 from p2pfed.codec import CodecSettings, build_codec
 from p2pfed.consensus import exact_consensus_distance
 from p2pfed.gossip import Averager
-from p2pfed.identity import Roster
 from p2pfed.topology import load_topology
-from p2pfed.transport import TorchTransport
 from p2pfed.wire import OVERHEAD
-from test_gossip_multiprocess import deterministic_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 500
@@ -38,15 +34,12 @@ def start_vector(rank: int) -> torch.Tensor:
 
 
 def worker(rank: int, world: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    transport = TorchTransport()
-    keys = [deterministic_identity(r) for r in range(world)]
-    roster = Roster({k.rank: k.public() for k in keys})
+    transport, key, roster = join_gloo_group(rank, world, store)
     ring = load_topology(ROOT / "topologies/ring.toml", world)
     result = {}
     for name, spec, algorithm, gamma, rounds in SETTINGS:
         codec = build_codec(spec, CodecSettings(fraction=0.01, seed=1), rank)
-        averager = Averager(transport, "gossip", codec, ring, keys[rank], roster,
+        averager = Averager(transport, "gossip", codec, ring, key, roster,
                             algorithm=algorithm, gamma=gamma, error_feedback=True)
         x = start_vector(rank)
         distances, sent = [exact_consensus_distance(x, transport)], 0

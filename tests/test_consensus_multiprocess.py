@@ -2,24 +2,19 @@
 distance falls at the spectral rate on a ring, and consensus control reaches its target
 with the extra steps logged."""
 
-import datetime
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import read_jsonl, spawn_peers
+from conftest import join_gloo_group, read_jsonl, spawn_peers
 from p2pfed.codec import get_codec
 from p2pfed.config import ConsensusSection
 from p2pfed.consensus import gossip_round
 from p2pfed.gossip import Averager
-from p2pfed.identity import Roster
 from p2pfed.metrics import MetricsWriter
 from p2pfed.topology import load_topology
-from p2pfed.transport import TorchTransport
-from test_gossip_multiprocess import deterministic_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, DIM = 6, 300
@@ -28,15 +23,12 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
 
 
 def worker(rank: int, world: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    transport = TorchTransport()
-    keys = [deterministic_identity(r) for r in range(world)]
-    roster = Roster({k.rank: k.public() for k in keys})
+    transport, key, roster = join_gloo_group(rank, world, store)
     ring = load_topology(ROOT / "topologies/ring.toml", world)
     noise = torch.Generator().manual_seed(rank)
 
     # 1) pure gossip, the exact figure logged every round
-    averager = Averager(transport, "gossip", get_codec("fp32"), ring, keys[rank], roster)
+    averager = Averager(transport, "gossip", get_codec("fp32"), ring, key, roster)
     x = torch.randn(DIM, generator=noise)
     with_metrics = MetricsWriter(Path(out) / f"pure{rank}.jsonl")
     for t in range(10):
@@ -47,7 +39,7 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
 
     # 2) consensus control: peers drift apart each round (as local training makes them), and
     #    extra gossip steps pull them back under the target, up to 8 steps a round
-    averager = Averager(transport, "gossip", get_codec("fp32"), ring, keys[rank], roster)
+    averager = Averager(transport, "gossip", get_codec("fp32"), ring, key, roster)
     control = ConsensusSection(every=1, target=TARGET, max_steps=8)
     x = torch.zeros(DIM)
     with_metrics = MetricsWriter(Path(out) / f"control{rank}.jsonl")

@@ -1,6 +1,5 @@
 """Real gloo peers (4 processes) gossiping vectors through the production code path."""
 
-import datetime
 import json
 from pathlib import Path
 
@@ -8,13 +7,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import spawn_peers
-from p2pfed.identity import Roster
+from conftest import join_gloo_group, spawn_peers
 from p2pfed.codec import get_codec
 from p2pfed.consensus import consensus_distance_of, exact_consensus_distance
 from p2pfed.gossip import Averager
 from p2pfed.topology import load_topology
-from p2pfed.transport import TorchTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 1000
@@ -25,23 +22,9 @@ def start_vector(rank: int) -> torch.Tensor:
     return torch.randn(DIM, generator=torch.Generator().manual_seed(100 + rank))
 
 
-def deterministic_identity(rank: int):
-    """Every process must agree on the roster without a file: derive keys from the rank."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    from p2pfed.identity import Identity
-
-    seed = bytes([rank + 1]) * 32
-    return Identity(rank, Ed25519PrivateKey.from_private_bytes(seed), X25519PrivateKey.from_private_bytes(seed))
-
-
 def gossip_worker(rank: int, world: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    transport = TorchTransport()
-    keys = [deterministic_identity(r) for r in range(world)]
-    roster = Roster({k.rank: k.public() for k in keys})
-    signed = (keys[rank], roster)
+    transport, key, roster = join_gloo_group(rank, world, store)
+    signed = (key, roster)
     result: dict = {}
     # 1) plain gossip on a ring: record the exact consensus distance every round
     ring = Averager(transport, "gossip", get_codec("fp32"), load_topology(ROOT / "topologies/ring.toml", world), *signed)

@@ -2,7 +2,6 @@
 torus it reaches the same consensus as plain gossip within the fixed-point bound, and when
 one peer abstains for a round its neighbours complete the sum over the others."""
 
-import datetime
 import json
 from pathlib import Path
 
@@ -10,18 +9,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import spawn_peers
+from conftest import join_gloo_group, spawn_peers
 from p2pfed.codec import get_codec
 from p2pfed.config import FaultSection, LoraSection
 from p2pfed.consensus import exact_consensus_distance
 from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager
-from p2pfed.identity import Roster
 from p2pfed.model import adapter_to_vector, tiny_model, tiny_tokenizer, wrap_lora
 from p2pfed.secure import FixedPoint
 from p2pfed.topology import load_topology
-from p2pfed.transport import TorchTransport
-from test_gossip_multiprocess import deterministic_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, ROUNDS, SILENT = 6, 4, 4
@@ -36,23 +32,20 @@ def tiny_adapter(rank: int) -> torch.Tensor:
 
 
 def worker(rank: int, world: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    transport = TorchTransport()
-    keys = [deterministic_identity(r) for r in range(world)]
-    roster = Roster({k.rank: k.public() for k in keys})
+    transport, key, roster = join_gloo_group(rank, world, store)
     result = {}
     for name in ("ring", "torus"):
         topology = load_topology(ROOT / "topologies" / f"{name}.toml", world)
         for secure in (False, True):
-            averager = Averager(transport, "gossip", get_codec("fp32"), topology, keys[rank], roster, secure=FIXED if secure else None, seed=rank)
+            averager = Averager(transport, "gossip", get_codec("fp32"), topology, key, roster, secure=FIXED if secure else None, seed=rank)
             x = tiny_adapter(rank)
             for t in range(ROUNDS):
                 x, stats = averager.average(x, t)
             result[f"{name}-{'secure' if secure else 'plain'}"] = {"x": x.tolist(), "xi": exact_consensus_distance(x, transport)}
     # one peer abstains in round 2 (index 1) on the torus; everyone records round 1's input and round 2's output
     torus = load_topology(ROOT / "topologies/torus.toml", world)
-    faults = FaultInjector(FaultSection(peers=[SILENT], kind="abstain", from_round=2, until_round=2), keys[rank], world, 0) if rank == SILENT else None
-    averager = Averager(transport, "gossip", get_codec("fp32"), torus, keys[rank], roster, faults, secure=FIXED, seed=rank)
+    faults = FaultInjector(FaultSection(peers=[SILENT], kind="abstain", from_round=2, until_round=2), key, world, 0) if rank == SILENT else None
+    averager = Averager(transport, "gossip", get_codec("fp32"), torus, key, roster, faults, secure=FIXED, seed=rank)
     x, _ = averager.average(tiny_adapter(rank), 0)
     before = x.clone()
     mixed, stats = averager.average(x, 1)

@@ -1,22 +1,18 @@
 """A neighbour that sends nothing stops its peers with an error naming it, the round and the
 timeout, within the configured time plus a margin (no silent hang)."""
 
-import datetime
 import json
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from conftest import spawn_peers
+from conftest import join_gloo_group, spawn_peers
 from p2pfed.codec import get_codec
 from p2pfed.gossip import Averager
-from p2pfed.identity import Roster
 from p2pfed.topology import load_topology
-from p2pfed.transport import TorchTransport, TransportTimeout
-from test_gossip_multiprocess import deterministic_identity
+from p2pfed.transport import TransportTimeout
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S, SILENT = 3.0, 2
@@ -24,11 +20,8 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 
 
 def worker(rank: int, world: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    keys = [deterministic_identity(r) for r in range(world)]
-    roster = Roster({k.rank: k.public() for k in keys})
-    averager = Averager(TorchTransport(timeout_s=TIMEOUT_S), "gossip", get_codec("fp32"), load_topology(ROOT / "topologies/ring.toml", world),
-                        keys[rank], roster)
+    transport, key, roster = join_gloo_group(rank, world, store, timeout_s=TIMEOUT_S)
+    averager = Averager(transport, "gossip", get_codec("fp32"), load_topology(ROOT / "topologies/ring.toml", world), key, roster)
     x = torch.ones(10)
     x, _ = averager.average(x, 0)  # a healthy round first
     result = {"error": None, "seconds": None}
