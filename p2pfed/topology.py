@@ -246,8 +246,9 @@ def graphs_from_spec(spec: TopologySpec, n_peers: int) -> list[nx.Graph]:
         n = spec.n if spec.n is not None else n_peers
         try:
             built = GENERATORS[spec.generator](n, spec.params)
-        except (ValueError, nx.NetworkXError) as err:
-            raise TopologyError(f"{spec.source}: generator {spec.generator}: {err}") from None
+        except (ValueError, TypeError, KeyError, nx.NetworkXError) as err:  # a parameter of the wrong kind or missing
+            raise TopologyError(f"{spec.source}: generator {spec.generator}: bad or missing parameter ({type(err).__name__}: {err}); "
+                                f"got {spec.params}") from None
         return built if isinstance(built, list) else [built]
     if spec.edges is not None:
         graph = nx.Graph()
