@@ -435,6 +435,8 @@ def _with_base(raw: dict[str, Any], path: Path, seen: list[Path]) -> dict[str, A
         base = tomllib.loads(base_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: extends: {base_path} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: extends: cannot read {base_path} as a TOML file ({type(err).__name__})") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{base_path}: not valid TOML ({err})") from None
     base = _with_base(base, base_path, seen + [base_path])
