@@ -2,7 +2,7 @@
 
 import json
 
-from p2pfed.bench import ROOT, find_finished_run, goal_line, slug, table
+from p2pfed.bench import ROOT, find_finished_run, goal_line, secure_line, slug, table
 from p2pfed.config import load_config, save_config
 
 
@@ -36,3 +36,9 @@ def test_a_finished_run_of_the_identical_config_is_found_and_others_are_not(tmp_
     assert find_finished_run(tmp_path / "runs", other) is None
     (done / "summary.json").unlink()  # an unfinished run is never reused
     assert find_finished_run(tmp_path / "runs", same) is None
+
+
+def test_secure_line_reports_gap_bytes_and_mask_share():
+    plain, secure = row("plain", 1000.0, 40.0), {**row("secure", 1010.0, 40.4), "mask_s": 0.02}
+    assert secure_line([plain, secure]) == ("Secure averaging against row 1: secure: perplexity gap +1.00%, +1.000% bytes, "
+                                            "masks 2.000% of a round.")
