@@ -155,12 +155,13 @@ class Averager:
         if state["secure"] is not None and self.secure is not None:
             self.secure.generator.set_state(state["secure"])
 
-    def _exchange(self, outgoing: dict[int, bytes], incoming_from: list[int], stats: RoundStats, partial: bool = False) -> dict[int, bytes]:
+    def _exchange(self, outgoing: dict[int, bytes], incoming_from: list[int], stats: RoundStats, partial: bool = False,
+                  patience: int = 1) -> dict[int, bytes]:
         """One lockstep exchange, timed and counted."""
         self.exchanges += 1
         stats.bytes_sent += sum(len(m) for m in outgoing.values())
         start = time.perf_counter()
-        incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial)
+        incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial, patience)
         stats.comm_s += time.perf_counter() - start
         stats.bytes_received += sum(len(m) for m in incoming.values())
         return incoming
@@ -220,7 +221,7 @@ class Averager:
 
         reports = self._seal_all({j: encode_missing(missing) for j in senders}, round, step, REQUEST, stats)
         requests: dict[int, list[int]] = {}
-        for i, message in sorted(self._exchange(reports, receivers, stats, partial=True).items()):
+        for i, message in sorted(self._exchange(reports, receivers, stats, partial=True, patience=2).items()):
             opened = self._open(message, i, round, step, receivers, 4 * self.transport.world_size, (REQUEST,), stats)
             try:
                 requests[i] = decode_missing(opened[1], self.topology.in_neighbours(i, round)) if opened else []
@@ -228,7 +229,7 @@ class Averager:
                 log.warning("peer %d, round %d: ignoring peer %d's dropout report: %s", self.rank, round + 1, i, err)
         fixes = self._seal_all(secure.corrections(requests, round, step, count, cost), round, step, CORRECTION, stats)
         expected = sorted(present) if secure.expects_corrections(senders, missing) else []
-        corrections = {j: opened[1] for j, m in self._exchange(fixes, expected, stats, partial=True).items()
+        corrections = {j: opened[1] for j, m in self._exchange(fixes, expected, stats, partial=True, patience=3).items()
                        if (opened := self._open(m, j, round, step, expected, 4 * count, (CORRECTION,), stats)) is not None}
 
         stats.mask_s, stats.clipped, stats.dropouts = cost.mask_s, cost.clipped, len(missing)

@@ -36,11 +36,14 @@ class Transport(Protocol):
     rank: Rank
     world_size: int
 
-    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False) -> dict[Rank, bytes]:
+    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
+                 patience: int = 1) -> dict[Rank, bytes]:
         """Send `outgoing[j]` to each j, receive one message from each of `incoming_from`.
 
-        A neighbour silent past the timeout raises TransportTimeout naming it; with
+        A neighbour silent past `patience` timeouts raises TransportTimeout naming it; with
         `partial`, a transport that can skip a message safely returns without it instead.
+        (A later phase of a protocol waits longer: its senders may each have waited out an
+        earlier phase.)
         """
         ...
 
@@ -85,11 +88,12 @@ class TorchTransport:
         self.device = device or torch.device("cpu")
         self.timeout_s = timeout_s
 
-    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False) -> dict[Rank, bytes]:
+    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
+                 patience: int = 1) -> dict[Rank, bytes]:
         # A point-to-point stream cannot skip a message (a late one would be read as the next),
         # so `partial` does not apply here: a silent neighbour stops this peer, naming it.
         with _terminable():
-            return self._exchange(outgoing, incoming_from, time.monotonic() + self.timeout_s)
+            return self._exchange(outgoing, incoming_from, time.monotonic() + self.timeout_s * patience)
 
     def _exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], deadline: float) -> dict[Rank, bytes]:
         # Phase 1: lengths, so each receiver can allocate its buffer.
@@ -174,14 +178,15 @@ class LocalTransport:
         self.world_size = hub.world_size
         self.calls = 0
 
-    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False) -> dict[Rank, bytes]:
+    def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
+                 patience: int = 1) -> dict[Rank, bytes]:
         hub = self.hub
         with hub.condition:
             for j, data in outgoing.items():
                 hub.mail[(self.rank, j, tag)] = bytes(data)
             hub.condition.notify_all()
             keys = [(j, self.rank, tag) for j in incoming_from]
-            if not hub.condition.wait_for(lambda: all(k in hub.mail for k in keys), timeout=hub.timeout_s):
+            if not hub.condition.wait_for(lambda: all(k in hub.mail for k in keys), timeout=hub.timeout_s * patience):
                 missing = [k[0] for k in keys if k not in hub.mail]
                 if not partial:
                     raise TransportTimeout(f"peer {self.rank} could not hear from peer {missing[0]} within the {hub.timeout_s:g} s timeout "

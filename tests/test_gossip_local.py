@@ -23,9 +23,9 @@ class Tampering:
     def __init__(self, inner):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
 
-    def exchange(self, outgoing, incoming_from, tag, partial=False):
+    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1):
         bad = {j: m[:-1] + bytes([m[-1] ^ 0x01]) for j, m in outgoing.items()}
-        return self.inner.exchange(bad, incoming_from, tag, partial)
+        return self.inner.exchange(bad, incoming_from, tag, partial, patience)
 
 
 def run_round(world: int, tamper_rank: int | None):
