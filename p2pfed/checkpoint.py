@@ -71,6 +71,10 @@ class Checkpoints:
 
     def load(self, round: int) -> dict[str, Any]:
         """The state saved for `round`; CheckpointError if the file is incomplete or damaged."""
+        return torch.load(io.BytesIO(self._verified_body(round)), weights_only=False)
+
+    def _verified_body(self, round: int) -> bytes:
+        """The file's body once its digest matches; checking needs no unpickling."""
         path = self.path(round)
         try:
             data = path.read_bytes()
@@ -82,14 +86,14 @@ class Checkpoints:
         body = data[head:]
         if hashlib.sha256(body).digest() != data[len(MAGIC) : head]:
             raise CheckpointError(f"{path}: checkpoint is truncated or corrupted (SHA-256 mismatch)")
-        return torch.load(io.BytesIO(body), weights_only=False)
+        return body
 
     def valid_rounds(self) -> list[int]:
         """Rounds whose checkpoint verifies; a damaged one is reported and skipped."""
         good = []
         for round in self.rounds():
             try:
-                self.load(round)
+                self._verified_body(round)
             except CheckpointError as err:
                 log.warning("%s; falling back to an older checkpoint", err)
                 continue

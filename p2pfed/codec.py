@@ -195,11 +195,6 @@ class Codec:
         """Whether the decoded message misses part of the input on average (error feedback helps)."""
         return self.structure != "dense" or not self.values.unbiased
 
-    @property
-    def sparse(self) -> bool:
-        """Whether messages carry only some coordinates (receivers keep their own elsewhere)."""
-        return self.structure in ("topk", "randk")
-
     def k(self, length: int) -> int:
         return max(1, min(length, round(self.settings.fraction * length)))
 

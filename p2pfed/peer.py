@@ -6,6 +6,7 @@ Run as ``python -m p2pfed.peer CONFIG [section.key=value ...]`` under torchrun; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from p2pfed.config import Config, ConfigError, load_config, save_config
 from p2pfed.consensus import exact_consensus_distance, gossip_round, is_measured
 from p2pfed.data import DataError, PeerData, load_peer_data
 from p2pfed.faults import FaultInjector
-from p2pfed.gossip import Averager, RoundStats
+from p2pfed.gossip import Averager
 from p2pfed.identity import Identity, IdentityError, Roster, load_identity
 from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round
 from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
@@ -158,8 +159,8 @@ class Peer:
         writer = MetricsWriter(self.paths.peer_metrics(self.rank), keep_until_round=resume if resume else None)
         if resume:
             self.restore(checkpoints.load(resume))
-            history = [r for r in read_metrics(self.paths.peer_metrics(self.rank)) if 0 < r["round"] <= resume]
-            first = read_metrics(self.paths.peer_metrics(self.rank))[0]
+            kept = read_metrics(self.paths.peer_metrics(self.rank))  # rounds 0..resume, as the writer cut them
+            first, history = kept[0], kept[1:]
             self.say(f"[p2pfed] resuming from the checkpoint of round {resume} (restart {restart}); rounds 1-{resume} are kept")
         else:
             history = []
@@ -180,28 +181,29 @@ class Peer:
         writer.close()
         save_adapter(self.model, self.paths.adapter(self.rank))
         n = len(history)
+        total = lambda key: sum(h[key] for h in history)  # noqa: E731
         return {
             "rank": self.rank,
             "global_ppl_before": first["global_ppl"], "global_ppl_after": last["global_ppl"],
             "own_ppl_before": first["own_ppl"], "own_ppl_after": last["own_ppl"],
             "train_loss_first": history[0]["train_loss"], "train_loss_last": history[-1]["train_loss"],
-            "bytes_per_round": sum(h["bytes_sent"] for h in history) / n,
-            "bytes_total": sum(h["bytes_sent"] for h in history),
-            "compression": _ratio(sum(h["bytes_fp32"] for h in history), sum(h["bytes_sent"] for h in history)),
-            "codec_s_per_round": sum(h["codec_s"] for h in history) / n,
+            "bytes_per_round": total("bytes_sent") / n,
+            "bytes_total": total("bytes_sent"),
+            "compression": _ratio(total("bytes_fp32"), total("bytes_sent")),
+            "codec_s_per_round": total("codec_s") / n,
             "bytes_estimated": history[-1]["bytes_estimated"],
-            "compute_s_per_round": sum(h["compute_s"] for h in history) / n,
-            "comm_s_per_round": sum(h["comm_s"] for h in history) / n,
-            "round_s": sum(h["round_s"] for h in history) / n,
+            "compute_s_per_round": total("compute_s") / n,
+            "comm_s_per_round": total("comm_s") / n,
+            "round_s": total("round_s") / n,
             "consensus_final": history[-1]["consensus"],
-            "gossip_steps": sum(h["gossip_steps"] for h in history),
+            "gossip_steps": total("gossip_steps"),
             "rejected": sum(sum(h["rejected"].values()) for h in history),
             "injected": self.faults.injected if self.faults else 0,
-            "crypto_s_per_round": sum(h["crypto_s"] for h in history) / n,
-            "mask_s_per_round": sum(h["mask_s"] for h in history) / n,
-            "dropouts": sum(h["dropouts"] for h in history),
-            "abandoned": sum(h["abandoned"] for h in history),
-            "clipped": sum(h["clipped"] for h in history),
+            "crypto_s_per_round": total("crypto_s") / n,
+            "mask_s_per_round": total("mask_s") / n,
+            "dropouts": total("dropouts"),
+            "abandoned": total("abandoned"),
+            "clipped": total("clipped"),
         }
 
     def state(self, round: int) -> dict[str, Any]:
@@ -229,8 +231,8 @@ class Peer:
         gossip_s = time.perf_counter() - start
         stats, consensus = result.stats, result.consensus
         vector_to_adapter(self.model, result.vector)
-        monitor_s = max(0.0, gossip_s - stats.codec_s - stats.crypto_s - stats.comm_s)
-        record: dict[str, Any] = {"rank": self.rank, "round": round, "train_loss": train_loss, "compute_s": compute_s, **_stats_fields(stats),
+        monitor_s = max(0.0, gossip_s - stats.codec_s - stats.crypto_s - stats.mask_s - stats.comm_s)  # mixing and monitoring
+        record: dict[str, Any] = {"rank": self.rank, "round": round, "train_loss": train_loss, "compute_s": compute_s, **dataclasses.asdict(stats),
                                   "consensus": consensus, "consensus_target": result.target, "gossip_steps": result.steps,
                                   "monitor_s": monitor_s, "injected": self.faults.injected if self.faults else 0, "restart": restart}
         if resumed_from is not None:
@@ -264,13 +266,6 @@ class Peer:
         cut = inputs["input_ids"].shape[1]
         decode = lambda ids: self.tokenizer.decode(ids[0, cut:], skip_special_tokens=True)  # noqa: E731
         return {"prompt": self.config.run.prompt, "base": decode(base), "fine_tuned": decode(tuned)}
-
-
-def _stats_fields(stats: RoundStats) -> dict[str, Any]:
-    return {"bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received, "bytes_estimated": stats.bytes_estimated, "bytes_fp32": stats.bytes_fp32,
-            "codec_s": stats.codec_s, "crypto_s": stats.crypto_s, "comm_s": stats.comm_s, "neighbours": stats.neighbours, "rejected": stats.rejected,
-            "local_consensus": stats.local_consensus, "mask_s": stats.mask_s, "clipped": stats.clipped, "dropouts": stats.dropouts,
-            "abandoned": stats.abandoned}
 
 
 def _ratio(uncompressed: int, sent: int) -> float | None:

@@ -197,15 +197,16 @@ class SecureNeighbourhood:
         """For each receiver that reported missing senders (and still has two or more): my masks shared with them."""
         out = {}
         for i, missing in requests.items():
-            senders = self.topology.in_neighbours(i, round)
-            if not missing or self.rank in missing or len(senders) - len(missing) < 2:
+            if self.rank in missing or not self.expects_corrections(self.topology.in_neighbours(i, round), missing):
                 continue  # nothing to fix, or a fix would leave too few senders to hide behind
             start = time.perf_counter()
             out[i] = self.masks.mask(i, missing, round, step, count).tobytes()
             cost.mask_s += time.perf_counter() - start
         return out
 
-    def expects_corrections(self, senders: list[int], missing: list[int]) -> bool:
+    @staticmethod
+    def expects_corrections(senders: list[int], missing: list[int]) -> bool:
+        """Whether a receiver missing `missing` gets corrections: only with two or more senders left."""
         return bool(missing) and len(senders) - len(missing) >= 2
 
     @staticmethod
