@@ -2,15 +2,13 @@
 
 Each row is a real `p2pfed run` (torchrun, gloo peers) of one base config with a few
 overrides, so every figure comes from the run's own metrics. Nothing here asserts a
-speed: the tables are for people, `make bench SUITE=...` writes them.
+speed: the tables are for people, `make bench SUITE=...` writes them (see benchtables.py
+for the tables and goals, microbench.py for the micro-benchmarks).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -19,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from p2pfed.config import ConfigError, config_from_dict, load_config
-from p2pfed.metrics import mean_of
+from p2pfed.metrics import mean_of, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,18 +32,39 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """Runs of one base config at several sizes and topologies: seconds and bytes per round."""
+
+    label: str
+    base: str
+    peers: tuple[int, ...]
+    topologies: tuple[str, ...] = ("ring", "exponential")
+    common: tuple[str, ...] = ()
+
+    def rows(self) -> list[Row]:
+        return [Row(f"{self.label}, {topology}, {n} peers", (f"run.peers={n}", f"gossip.topology=topologies/{topology}.toml"))
+                for topology in self.topologies for n in self.peers]
+
+
+@dataclass(frozen=True)
 class Suite:
-    """A base config, overrides every row shares, and the rows (the first is the reference)."""
+    """A base config, overrides every row shares, the rows; optionally scaling runs and micro-benchmarks."""
 
     base: str
     description: str
     rows: tuple[Row, ...]
     common: tuple[str, ...] = ()
-    compression_goal: bool = True
-    """Whether the table is judged by the compression goal (>= 10x fewer bytes within 2%)."""
+    judge: str = "compression"
+    """The goals the table is judged by: 'compression' (>= 10x fewer bytes within 2% of row 1),
+    'secure' (masking against row 1) or 'convergence' (the full suite's four goals)."""
+    scaling: tuple[Scaling, ...] = ()
+    micro: str = ""
+    """Micro-benchmark size: '' (none), 'quick' or 'full'."""
 
 
 TOPK = ("gossip.codec=topk+int8", "codec.fraction=0.1")
+BEST_CODEC = ("gossip.codec=lowrank+int8", "codec.rank=2", "gossip.error_feedback=on")
+"""The best compressed setting of the compression suite (15.5x fewer bytes, +0.63%)."""
 COMPRESSION_ROWS = (
     Row("fp32 (uncompressed)"),
     Row("fp16", ("gossip.codec=fp16",)),
@@ -56,54 +73,93 @@ COMPRESSION_ROWS = (
     Row("top-k 10% + int8, error feedback", (*TOPK, "gossip.error_feedback=on")),
     Row("top-k 10% + int8, no error feedback", (*TOPK, "gossip.error_feedback=off")),
     Row("CHOCO top-k 10% + int8, gamma 0.2", (*TOPK, "gossip.algorithm=choco", "gossip.gamma=0.2")),
-    Row("low rank 2 + int8, error feedback", ("gossip.codec=lowrank+int8", "codec.rank=2", "gossip.error_feedback=on")),
+    Row("low rank 2 + int8, error feedback", BEST_CODEC),
     Row("share B (A frozen), fp32", ("lora.share=B",)),
 )
 SECURE_ROWS = (
     Row("plain gossip, fp32"),
     Row("secure (pairwise-masked), fp32", ("gossip.secure=true",)),
 )
+
+
+def convergence_rows(peers: int, local_steps: int) -> tuple[Row, ...]:
+    """Baselines, five topologies, and ring gossip compressed, masked and B-only."""
+    def on(topology: str, *more: str) -> tuple[str, ...]:
+        return (f"gossip.topology=topologies/{topology}.toml", *more)
+
+    return (
+        Row("centralised (1 process, pooled data)",
+            ("run.peers=1", f"data.pool={peers}", f"run.local_steps={peers * local_steps}", "gossip.mode=local")),
+        Row("allreduce (exact mean every round)", ("gossip.mode=allreduce",)),
+        Row("local (no communication)", ("gossip.mode=local",)),
+        Row("gossip ring", on("ring")),
+        Row("gossip torus", on("torus")),
+        Row("gossip exponential", on("exponential")),
+        Row("gossip one-peer exponential", on("onepeer-exponential")),
+        Row("gossip Erdos-Renyi p=0.4", on("erdos-renyi")),
+        Row("gossip ring, low rank 2 + int8, error feedback", on("ring", *BEST_CODEC)),
+        Row("gossip ring, secure (pairwise-masked)", on("ring", "gossip.secure=true")),
+        Row("gossip ring, share B (A frozen)", on("ring", "lora.share=B")),
+    )
+
+
+SCALING_COMMON = ("run.rounds=3", "run.local_steps=1", "run.eval_every=3", "data.batch_size=1", "data.eval_blocks=1", "bench.probes=5")
 SUITES = {
-    "quick": Suite("launch/configs/tiny.toml", "compression settings on the tiny random Llama (a smoke test of the harness)",
-                   COMPRESSION_ROWS, ("run.rounds=12", "run.eval_every=12")),
+    "quick": Suite("launch/configs/tiny.toml", "the full suite's rows on the tiny random Llama, 4 peers (a smoke test of the harness)",
+                   convergence_rows(4, 2), ("run.peers=4", "run.rounds=12", "run.eval_every=12"), judge="convergence",
+                   scaling=(Scaling("tiny", "launch/configs/tiny.toml", (2, 4), common=SCALING_COMMON),), micro="quick"),
+    "full": Suite("launch/configs/bench.toml", "SmolLM2-135M + LoRA r=8 on Shakespeare split by play, 8 peers",
+                  convergence_rows(8, 1), judge="convergence",
+                  scaling=(Scaling("tiny", "launch/configs/tiny.toml", (2, 4, 8, 16), common=SCALING_COMMON),
+                           Scaling("SmolLM2", "launch/configs/bench.toml", (2, 4, 8, 16), common=SCALING_COMMON)),
+                  micro="full"),
     "compression": Suite("launch/configs/demo.toml", "compression settings on the demo task (SmolLM2-135M, 4 peers, ring)",
                          COMPRESSION_ROWS, ("run.eval_every=12",)),
     "secure": Suite("launch/configs/demo.toml", "secure averaging against plain gossip on the demo task (SmolLM2-135M, 4 peers, ring)",
-                    SECURE_ROWS, ("run.eval_every=12",), compression_goal=False),
+                    SECURE_ROWS, ("run.eval_every=12",), judge="secure"),
 }
 
 
 @dataclass
 class BenchRun:
-    """Runs a suite's rows one after another and collects their summaries."""
+    """Runs a suite's rows, scaling runs and micro-benchmarks one after another, then writes the results."""
 
     suite_name: str
     out: Path
     only: list[str] = field(default_factory=list)
+    """Parts of row names to run (empty: everything); 'micro' selects the micro-benchmarks."""
     fresh: bool = False
     """Run every row even when a finished run of the identical config is already on disk."""
 
-    def rows(self) -> list[Row]:
-        suite = SUITES[self.suite_name]
-        rows = [r for r in suite.rows if not self.only or any(o.lower() in r.name.lower() for o in self.only)]
-        if not rows:
-            raise ValueError(f"--rows {','.join(self.only)}: matches no row of suite {self.suite_name}")
-        return rows
+    @property
+    def suite(self) -> Suite:
+        return SUITES[self.suite_name]
 
-    def run_row(self, index: int, total: int, row: Row) -> dict[str, Any]:
-        suite = SUITES[self.suite_name]
-        run_dir = self.out / "runs" / self.suite_name / f"{index:02d}-{slug(row.name)}"
+    def selected(self, rows: list[Row] | tuple[Row, ...]) -> list[Row]:
+        return [r for r in rows if not self.only or any(o.lower() in r.name.lower() for o in self.only)]
+
+    def plan(self) -> tuple[list[Row], list[tuple[Scaling, Row]], bool]:
+        """What this invocation runs: convergence rows, scaling rows, and whether the micro-benchmarks."""
+        rows = self.selected(self.suite.rows)
+        scaling = [(s, r) for s in self.suite.scaling for r in self.selected(s.rows())]
+        micro = bool(self.suite.micro) and (not self.only or "micro" in [o.lower() for o in self.only])
+        if not rows and not scaling and not micro:
+            raise ValueError(f"--rows {','.join(self.only)}: matches no row of suite {self.suite_name}")
+        return rows, scaling, micro
+
+    def run_row(self, group: str, index: int, total: int, row: Row, base: str, common: tuple[str, ...]) -> Path:
+        """One `p2pfed run` (or a finished run of the identical config); returns its run directory."""
+        run_dir = self.out / "runs" / group / f"{index:02d}-{slug(row.name)}"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "p2pfed.cli", "run", str(ROOT / suite.base), "--overwrite",
-                   f"run.out={run_dir}", *suite.common, *row.overrides]
-        log_path = run_dir.with_suffix(".log")
-        print(f"[bench] {index}/{total} {row.name}: {' '.join(row.overrides) or '(base config)'}", flush=True)
-        wanted = load_config(ROOT / suite.base, [f"run.out={run_dir}", *suite.common, *row.overrides]).to_dict()
+        overrides = [f"run.out={run_dir}", *common, *row.overrides]
+        print(f"[bench] {group} {index}/{total} {row.name}: {' '.join(row.overrides) or '(base config)'}", flush=True)
+        wanted = load_config(ROOT / base, overrides).to_dict()
         finished = None if self.fresh else find_finished_run(self.out / "runs", wanted)
         if finished is not None:
             print(f"    reusing the finished run of the identical config in {finished} (--fresh to run it again)", flush=True)
-            return self.collect(row, finished, 0.0)
-        started = time.perf_counter()
+            return finished
+        command = [sys.executable, "-m", "p2pfed.cli", "run", str(ROOT / base), "--overwrite", *overrides]
+        log_path = run_dir.with_suffix(".log")
         with open(log_path, "w", encoding="utf-8") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
             assert process.stdout is not None
@@ -115,19 +171,27 @@ class BenchRun:
         if code != 0:
             tail = log_path.read_text(encoding="utf-8").splitlines()[-15:]
             raise RuntimeError(f"row {row.name!r} failed (status {code}); log {log_path}:\n" + "\n".join(tail))
-        return self.collect(row, run_dir, time.perf_counter() - started)
-
-    @staticmethod
-    def collect(row: Row, run_dir: Path, wall_s: float) -> dict[str, Any]:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        return {"name": row.name, "overrides": list(row.overrides), "run_dir": str(run_dir), "wall_s": wall_s or summary["wall_s"],
-                **row_figures(summary), "config": config}
+        return run_dir
 
     def run(self) -> Path:
-        rows = self.rows()
-        results = [self.run_row(i, len(rows), row) for i, row in enumerate(rows, start=1)]
-        return write_results(self.suite_name, results, self.out / "results")
+        from p2pfed.benchtables import write_results
+        from p2pfed.microbench import run_micro
+
+        rows, scaling, micro = self.plan()
+        suite = self.suite
+        started = time.perf_counter()
+        results = [convergence_figures(row, self.run_row(self.suite_name, i, len(rows), row, suite.base, suite.common))
+                   for i, row in enumerate(rows, start=1)]
+        scaled = []
+        for i, (spec, row) in enumerate(scaling, start=1):
+            try:
+                run_dir = self.run_row(f"{self.suite_name}-scaling", i, len(scaling), row, spec.base, spec.common)
+                scaled.append(scaling_figures(spec, row, run_dir))
+            except RuntimeError as err:  # e.g. out of memory at 16 SmolLM2 peers: the table says so
+                print(f"[bench] {err}", file=sys.stderr, flush=True)
+                scaled.append({"name": row.name, "model": spec.label, "error": str(err).splitlines()[-1][:200]})
+        micro_rows = run_micro(suite.micro) if micro else []
+        return write_results(self.suite_name, suite, results, scaled, micro_rows, self.out / "results", time.perf_counter() - started)
 
 
 def find_finished_run(runs: Path, wanted: dict[str, Any]) -> Path | None:
@@ -153,6 +217,14 @@ def slug(name: str) -> str:
     return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9.]+", "-", text)).strip("-")
 
 
+def convergence_figures(row: Row, run_dir: Path) -> dict[str, Any]:
+    """A convergence table line, from one run's summary.json."""
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    return {"name": row.name, "overrides": list(row.overrides), "run_dir": str(run_dir), "wall_s": summary["wall_s"],
+            **row_figures(summary), "config": config}
+
+
 def row_figures(summary: dict[str, Any]) -> dict[str, Any]:
     """The columns of a bench table, from one run's summary.json."""
     peers = summary["peers_table"]
@@ -163,6 +235,8 @@ def row_figures(summary: dict[str, Any]) -> dict[str, Any]:
         "consensus": mean_of(peers, "consensus_final"),
         "bytes_per_peer_per_round": summary["bytes_per_peer_per_round"],
         "bytes_total": summary["bytes_total"],
+        "bytes_estimated": any(p.get("bytes_estimated") for p in peers),
+        "compression": mean_of(peers, "compression"),
         "compute_s": mean_of(peers, "compute_s_per_round"),
         "codec_s": mean_of(peers, "codec_s_per_round"),
         "crypto_s": mean_of(peers, "crypto_s_per_round"),
@@ -172,78 +246,20 @@ def row_figures(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    """Markdown: one line per row; ratios and gaps against the first row."""
-    reference = results[0]
-    lines = [
-        "| setting | bytes/peer/round | fewer bytes than row 1 | global ppl | gap to row 1 | own ppl | consensus Xi^2 "
-        "| s/round | compute | codec | crypto | masks | comm |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        ratio = reference["bytes_per_peer_per_round"] / r["bytes_per_peer_per_round"] if r["bytes_per_peer_per_round"] else None
-        gap = (r["global_ppl"] / reference["global_ppl"] - 1) * 100
-        lines.append(
-            f"| {r['name']} | {r['bytes_per_peer_per_round']:,.0f} | {'-' if ratio is None else f'{ratio:.1f}x'} "
-            f"| {r['global_ppl']:.2f} | {gap:+.2f}% | {r['own_ppl']:.2f} | {r['consensus']:.2e} "
-            f"| {r['round_s']:.2f} | {r['compute_s']:.2f} | {r['codec_s']:.4f} | {r['crypto_s']:.4f} | {r.get('mask_s', 0.0):.4f} | {r['comm_s']:.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def goal_line(results: list[dict[str, Any]], bytes_factor: float = 10.0, max_gap_pct: float = 2.0) -> str:
-    """Whether some row sends >= bytes_factor x fewer bytes than row 1 within max_gap_pct perplexity."""
-    reference = results[0]
-    hits = [r["name"] for r in results[1:]
-            if r["bytes_per_peer_per_round"] * bytes_factor <= reference["bytes_per_peer_per_round"]
-            and r["global_ppl"] <= reference["global_ppl"] * (1 + max_gap_pct / 100)]
-    verdict = f"met by: {', '.join(hits)}" if hits else "not met by any row"
-    return f"Goal (>= {bytes_factor:.0f}x fewer bytes than row 1 with a perplexity gap under {max_gap_pct:.0f}%): {verdict}."
-
-
-def secure_line(results: list[dict[str, Any]]) -> str:
-    """For rows that mask: the perplexity gap, the extra bytes and the share of a round spent on masks, against row 1."""
-    reference, parts = results[0], []
-    for r in results[1:]:
-        if not r.get("mask_s"):
-            continue
-        extra = (r["bytes_per_peer_per_round"] / reference["bytes_per_peer_per_round"] - 1) * 100
-        parts.append(f"{r['name']}: perplexity gap {(r['global_ppl'] / reference['global_ppl'] - 1) * 100:+.2f}%, "
-                     f"{extra:+.3f}% bytes, masks {r['mask_s'] / r['round_s'] * 100:.3f}% of a round")
-    return "Secure averaging against row 1: " + ("; ".join(parts) if parts else "no masked row") + "."
-
-
-def write_results(suite_name: str, results: list[dict[str, Any]], directory: Path) -> Path:
-    """bench/results/<suite>-<date>.md and .json; returns the markdown path."""
-    suite = SUITES[suite_name]
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d")
-    info = machine()
-    base = results[0]["config"]
-    text = "\n".join([
-        f"# p2pfed bench `{suite_name}`: {suite.description}",
-        "",
-        f"{stamp}; {info['platform']}, {info['cpus']} CPUs, torch {info['torch']}, Python {info['python']}.",
-        f"Base config `{suite.base}` with `{' '.join(suite.common)}`: {base['run']['peers']} peers, model `{base['model']['name']}`, "
-        f"{base['run']['rounds']} rounds x {base['run']['local_steps']} local steps, topology `{base['gossip']['topology']}`, seed {base['run']['seed']}. "
-        "Every row runs the same rounds, steps, seeds and data; only its overrides differ (in the JSON).",
-        "",
-        table(results),
-        "",
-        goal_line(results) if suite.compression_goal else secure_line(results),
-        "",
-        "Bytes are the serialized signed envelopes handed to the transport (sent, per peer per round). "
-        "Global ppl: mean over peers of the final perplexity on the shared held-out set. Own ppl: on each peer's own held-out text. "
-        "Seconds per round are means over peers: compute is local training, codec encode+decode (fixed point in secure mode), crypto sign+verify, masks the secure-mode mask generation, comm the exchange including waiting for the slowest neighbour; the rest of a round is monitoring and evaluation.",
-        "",
-        f"Reproduce: `make bench SUITE={suite_name}`.",
-    ])
-    md = directory / f"{suite_name}-{stamp}.md"
-    md.write_text(text + "\n", encoding="utf-8")
-    (directory / f"{suite_name}-{stamp}.json").write_text(json.dumps({"suite": suite_name, "machine": info, "rows": results}, indent=2) + "\n", encoding="utf-8")
-    return md
+def scaling_figures(spec: Scaling, row: Row, run_dir: Path) -> dict[str, Any]:
+    """Seconds per gossip round (evaluation left out), bytes, and the overhead probe, from one run."""
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    records = [r for path in sorted((run_dir / "metrics").glob("peer*.jsonl")) for r in read_metrics(path) if r["round"] >= 1]
+    per_round = [r["round_s"] - (r.get("eval_s") or 0.0) for r in records]
+    peers = summary["peers_table"]
+    return {
+        "name": row.name, "model": spec.label, "topology": summary["topology"], "peers": summary["peers"], "run_dir": str(run_dir),
+        "round_s": sum(per_round) / len(per_round),
+        "compute_s": sum(r["compute_s"] for r in records) / len(records),
+        "comm_s": sum(r["comm_s"] for r in records) / len(records),
+        "bytes_per_peer_per_round": summary["bytes_per_peer_per_round"],
+        "probe_gossip_s": mean_of(peers, "probe_gossip_s"),
+        "probe_bare_s": mean_of(peers, "probe_bare_s"),
+        "probe_bytes": mean_of(peers, "probe_bytes"),
+        "overrides": [*spec.common, *row.overrides],
+    }

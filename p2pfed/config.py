@@ -104,11 +104,19 @@ class DataSection:
     """Share of each peer's data held out for its own evaluation."""
     eval_blocks: int = 16
     """Blocks evaluated per eval set (own and global), to bound eval time."""
+    pool: int = 0
+    """Shakespeare only: deal the documents into this many shares and give peer r every
+    share s with s % peers == r; 0 = one share per peer. With `run.peers = 1` and
+    `pool = 8` one process trains on the pooled data of an 8-peer run (the centralised
+    baseline) and evaluates on the same global held-out set."""
 
     def check(self) -> None:
         _one_of(self, "source", ("shakespeare", "jsonl"))
         _one_of(self, "split", ("play", "role"))
         _positive(self, "block_size", "batch_size", "eval_blocks")
+        _at_least(self, 0, "pool")
+        if self.pool and self.source != "shakespeare":
+            raise ConfigError("[data] pool: pooling shares applies to source 'shakespeare'; give each peer's JSONL file instead")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"[data] eval_fraction: expected a number in (0, 1), got {self.eval_fraction}")
         if self.source == "jsonl" and "{rank}" not in self.path:
@@ -285,6 +293,19 @@ class FaultSection:
 
 
 @dataclass(kw_only=True)
+class BenchSection:
+    """Measurements the benchmark suite asks a run to take on top of its rounds."""
+
+    probes: int = 0
+    """After the last round, time this many extra gossip exchanges of the final adapter and
+    as many bare torch.distributed send/recv of the same bytes to the same neighbours, each
+    after a barrier: the ratio is what our envelope, codec and crypto add (gossip mode only)."""
+
+    def check(self) -> None:
+        _at_least(self, 0, "probes")
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole run; one section per component."""
 
@@ -299,6 +320,7 @@ class Config:
     secure: SecureSection = field(default_factory=SecureSection)
     identity: IdentitySection = field(default_factory=IdentitySection)
     faults: FaultSection = field(default_factory=FaultSection)
+    bench: BenchSection = field(default_factory=BenchSection)
 
     def check(self) -> None:
         for section in dataclasses.fields(self):

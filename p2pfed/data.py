@@ -210,8 +210,11 @@ def load_peer_data(section: DataSection, tokenizer: PreTrainedTokenizerBase, ran
     if section.source == "shakespeare":
         works = shakespeare_works(shakespeare_dir())
         documents = works if section.split == "play" else [r for w in works for r in speaking_roles(w)]
-        shards = assign(documents, peers, seed)
-        mine = shards[rank]
+        shares = section.pool or peers
+        if shares < peers:
+            raise DataError(f"[data] pool = {section.pool}: expected 0 or at least the {peers} peers, so every peer gets a share")
+        shards = assign(documents, shares, seed)
+        mine = [d for s in range(rank, shares, peers) for d in shards[s]]
         splits = {d[0]: hold_out(d, section.eval_fraction) for shard in shards for d in shard}
         parts = [splits[d[0]] for d in mine]
         everyone_held_out = [held for _, held in splits.values()]
@@ -219,7 +222,8 @@ def load_peer_data(section: DataSection, tokenizer: PreTrainedTokenizerBase, ran
         own = _blocks_or_error([p[1] for p in parts], tokenizer, section, f"peer {rank} held-out split")
         global_eval = to_blocks(everyone_held_out, tokenizer, section.block_size)
         names = ", ".join(d[0] for d in mine[:4]) + (f" (+{len(mine) - 4} more)" if len(mine) > 4 else "")
-        description = f"shakespeare by {section.split}: {len(mine)} documents: {names}"
+        pooled = f" (shares {rank}, {rank + peers}, ... of {shares})" if shares != peers else ""
+        description = f"shakespeare by {section.split}{pooled}: {len(mine)} documents: {names}"
     else:
         path = Path(section.path.format(rank=rank))
         rows = read_jsonl(path, tokenizer)

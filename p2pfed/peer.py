@@ -30,11 +30,12 @@ from p2pfed.gossip import Averager
 from p2pfed.identity import Identity, IdentityError, Roster, load_identity
 from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round
 from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
+from p2pfed.probe import probe_exchange
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
 from p2pfed.secure import FixedPoint
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
 from p2pfed.train import BlockSampler, LocalTrainer, evaluate
-from p2pfed.transport import Transport, TransportTimeout
+from p2pfed.transport import TorchTransport, Transport, TransportTimeout
 
 log = logging.getLogger("p2pfed.peer")
 
@@ -182,7 +183,9 @@ class Peer:
         save_adapter(self.model, self.paths.adapter(self.rank))
         n = len(history)
         total = lambda key: sum(h[key] for h in history)  # noqa: E731
+        probe = self.probe() if cfg.bench.probes else {}
         return {
+            **probe,
             "rank": self.rank,
             "global_ppl_before": first["global_ppl"], "global_ppl_after": last["global_ppl"],
             "own_ppl_before": first["own_ppl"], "own_ppl_after": last["own_ppl"],
@@ -205,6 +208,14 @@ class Peer:
             "abandoned": total("abandoned"),
             "clipped": total("clipped"),
         }
+
+    def probe(self) -> dict[str, Any]:
+        """[bench] probes: the final adapter's gossip exchange timed against a bare send/recv."""
+        if self.config.gossip.mode != "gossip" or not isinstance(self.transport, TorchTransport):
+            return {}
+        self.say(f"[p2pfed] timing {self.config.bench.probes} gossip exchanges against bare send/recv of the same bytes")
+        result = probe_exchange(self.averager, self.transport, adapter_to_vector(self.model), self.config.run.rounds, self.config.bench.probes)
+        return {"probe_gossip_s": result.gossip_s, "probe_bare_s": result.bare_s, "probe_bytes": result.message_bytes}
 
     def state(self, round: int) -> dict[str, Any]:
         """What this peer needs to continue after `round` exactly as if it had never stopped."""

@@ -24,6 +24,7 @@ import torch.distributed as dist
 Rank = int
 _LENGTH_TAG = 1
 _PAYLOAD_TAG = 2
+_BARE_TAG = 3
 
 
 class TransportTimeout(RuntimeError):
@@ -124,6 +125,23 @@ class TorchTransport:
         gathered = [torch.zeros_like(padded) for _ in range(self.world_size)]
         dist.all_gather(gathered, padded)
         return [g[: int(n.item())].cpu().numpy().tobytes() for g, n in zip(gathered, lengths)]
+
+    def barrier(self) -> None:
+        """Wait until every peer gets here (benchmark probes start timing together)."""
+        dist.barrier()
+
+    def bare_exchange(self, size: int, send_to: list[Rank], receive_from: list[Rank]) -> float:
+        """Seconds to send `size` bytes to each of `send_to` and receive as many from each of
+        `receive_from` with plain isend/irecv: no lengths, envelope, codec or crypto. The
+        baseline that benchmark probes compare a gossip exchange with."""
+        outgoing = [torch.zeros(size, dtype=torch.uint8, device=self.device) for _ in send_to]
+        incoming = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in receive_from]
+        start = time.perf_counter()
+        works = [dist.isend(t, dst=j, tag=_BARE_TAG) for t, j in zip(outgoing, send_to)]
+        works += [dist.irecv(t, src=j, tag=_BARE_TAG) for t, j in zip(incoming, receive_from)]
+        for work in works:
+            work.wait()
+        return time.perf_counter() - start
 
     def _to_tensor(self, data: bytes) -> torch.Tensor:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)

@@ -1,0 +1,54 @@
+"""How much a gossip exchange costs beyond moving its bytes: the benchmark's overhead probe.
+
+After the last round each peer times a few extra gossip exchanges of its final adapter
+(encode, seal, send, receive, verify, decode, mix) and, right after, a bare
+torch.distributed send/recv of the same number of bytes to the same neighbours. Both start
+from a barrier, so neither includes waiting for a slower peer's training. The probes'
+results are discarded: the adapter a run saves is the one its last round produced.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from p2pfed.gossip import Averager
+from p2pfed.transport import TorchTransport
+
+
+@dataclass(frozen=True)
+class ExchangeProbe:
+    """Median seconds of a gossip exchange and of a bare send/recv of the same bytes."""
+
+    gossip_s: float
+    bare_s: float
+    message_bytes: int
+    """Bytes per message in the bare exchange: the largest any peer sent in its gossip exchange."""
+    probes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.gossip_s / self.bare_s if self.bare_s > 0 else float("inf")
+
+
+def probe_exchange(averager: Averager, transport: TorchTransport, vector: torch.Tensor, first_round: int, probes: int) -> ExchangeProbe:
+    """Time `probes` gossip exchanges (rounds first_round, first_round+1, ...) against bare ones."""
+    assert averager.topology is not None, "probes time neighbour gossip"
+    rank, gossip_times, bare_times, size = transport.rank, [], [], 0
+    for k in range(probes):
+        round = first_round + k
+        transport.barrier()
+        start = time.perf_counter()
+        _, stats = averager.average(vector, round)
+        gossip_times.append(time.perf_counter() - start)
+        receivers = averager.topology.out_neighbours(rank, round)
+        senders = averager.topology.in_neighbours(rank, round)
+        mine = stats.bytes_sent // max(1, len(receivers))
+        # every receiver must expect the size its senders send: all use the largest
+        size = max(int(b.decode()) for b in transport.all_gather_bytes(str(mine).encode()))
+        transport.barrier()
+        bare_times.append(transport.bare_exchange(size, receivers, senders))
+    return ExchangeProbe(statistics.median(gossip_times), statistics.median(bare_times), size, probes)
