@@ -103,7 +103,7 @@ def convergence_rows(peers: int, local_steps: int) -> tuple[Row, ...]:
     )
 
 
-SCALING_COMMON = ("run.rounds=3", "run.local_steps=1", "run.eval_every=3", "data.batch_size=1", "data.eval_blocks=1", "bench.probes=5")
+SCALING_COMMON = ("run.rounds=3", "run.max_restarts=0", "run.local_steps=1", "run.eval_every=3", "data.batch_size=1", "data.eval_blocks=1", "bench.probes=5")
 SUITES = {
     "quick": Suite("launch/configs/tiny.toml", "the full suite's rows on the tiny random Llama, 4 peers (a smoke test of the harness)",
                    convergence_rows(4, 2), ("run.peers=4", "run.rounds=12", "run.eval_every=12"), judge="convergence",
@@ -262,4 +262,5 @@ def scaling_figures(spec: Scaling, row: Row, run_dir: Path) -> dict[str, Any]:
         "probe_bare_s": mean_of(peers, "probe_bare_s"),
         "probe_bytes": mean_of(peers, "probe_bytes"),
         "overrides": [*spec.common, *row.overrides],
+        "config": json.loads((run_dir / "config.json").read_text(encoding="utf-8")),
     }

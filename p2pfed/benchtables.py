@@ -163,7 +163,8 @@ def micro_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| operation | input | per call | throughput |", "|---|---|---:|---:|"]
     for r in rows:
         per_call = f"{r['seconds'] * 1e6:,.0f} us" if r["seconds"] < 1e-2 else f"{r['seconds'] * 1e3:,.1f} ms"
-        lines.append(f"| {r['operation']} | {r['input']} | {per_call} | {r['mb_per_s']:,.0f} MB/s |")
+        rate = f"{r['mb_per_s']:,.0f}" if r["mb_per_s"] >= 10 else f"{r['mb_per_s']:.1f}"
+        lines.append(f"| {r['operation']} | {r['input']} | {per_call} | {rate} MB/s |")
     return "\n".join(lines)
 
 

@@ -187,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="run a benchmark suite and write its table to bench/results/")
-    bench.add_argument("suite", help="quick (tiny model, minutes), compression (SmolLM2 demo task, ~1 h) or secure (~15 min)")
-    bench.add_argument("--rows", help="comma-separated parts of row names to run (default: all)")
+    bench.add_argument("suite", help="quick (tiny model, ~6 min), full (8 SmolLM2 peers: baselines, topologies, scaling, micro-benchmarks; ~1.5 h), "
+                                            "compression (SmolLM2 demo task, ~1 h) or secure (~15 min)")
+    bench.add_argument("--rows", help="comma-separated parts of row names to run, 'micro' for the micro-benchmarks (default: all)")
     bench.add_argument("--out", default="bench", help="directory for runs/ and results/ (default: bench)")
     bench.add_argument("--fresh", action="store_true", help="rerun rows whose identical config already finished under OUT/runs")
     bench.set_defaults(func=cmd_bench)

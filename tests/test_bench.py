@@ -2,7 +2,10 @@
 
 import json
 
-from p2pfed.bench import ROOT, find_finished_run, goal_line, secure_line, slug, table
+import pytest
+
+from p2pfed.bench import ROOT, SUITES, BenchRun, find_finished_run, slug
+from p2pfed.benchtables import convergence_goals, convergence_table, goal_line, micro_table, plot_ppl_vs_bytes, scaling_table, secure_line, table
 from p2pfed.config import load_config, save_config
 
 
@@ -42,3 +45,70 @@ def test_secure_line_reports_gap_bytes_and_mask_share():
     plain, secure = row("plain", 1000.0, 40.0), {**row("secure", 1010.0, 40.4), "mask_s": 0.02}
     assert secure_line([plain, secure]) == ("Secure averaging against row 1: secure: perplexity gap +1.00%, +1.000% bytes, "
                                             "masks 2.000% of a round.")
+
+
+def full_rows(exponential_ppl=40.5, compressed_bytes=90.0, secure_ppl=41.0, codec_s=0.01):
+    """A convergence table: allreduce at 40, ring at 40.4 sending 1000 B per round."""
+    rows = [{**row("centralised (1 process, pooled data)", 0.0, 39.0), "bytes_total": 0.0},
+            {**row("allreduce (exact mean every round)", 1500.0, 40.0), "bytes_estimated": True},
+            {**row("local (no communication)", 0.0, 44.0), "bytes_total": 0.0},
+            {**row("gossip ring", 1000.0, 40.4), "compression": 1.0},
+            {**row("gossip exponential", 2500.0, exponential_ppl), "compression": 1.0},
+            {**row("gossip ring, low rank 2 + int8, error feedback", compressed_bytes, 40.9), "compression": 1000 / compressed_bytes},
+            {**row("gossip ring, secure (pairwise-masked)", 1001.0, secure_ppl), "mask_s": 0.004, "compression": 1.0}]
+    for r in rows:
+        r.setdefault("bytes_total", r["bytes_per_peer_per_round"] * 12)
+        r["codec_s"] = codec_s
+    return rows
+
+
+def test_convergence_goals_are_computed_from_the_rows():
+    met = convergence_goals(full_rows(), [])
+    assert met[0] == "- Exponential gossip within 2% of allreduce perplexity: +1.25% **met**."
+    assert met[1].startswith("- A compressed setting at >= 10x fewer bytes within 2% of uncompressed ring gossip: "
+                             "gossip ring, low rank 2 + int8, error feedback sends 11.1x fewer bytes at +1.24% **met**")
+    assert "at most 1.50% (gossip ring, secure (pairwise-masked)) **met**" in met[2]  # (0.01 + 0.001 + 0.004) / 1.0
+    assert met[3] == "- Secure gossip within 3% of plain gossip perplexity: +1.49% **met**."
+    missed = convergence_goals(full_rows(exponential_ppl=41.0, compressed_bytes=200.0, secure_ppl=42.0, codec_s=0.06), [])
+    assert len(missed) == 4 and all("**missed**" in line for line in missed)
+    assert "5.0x fewer bytes" in missed[1]
+
+
+def test_convergence_table_gaps_are_against_allreduce(tmp_path):
+    text = convergence_table(full_rows())
+    assert "| gossip ring | 40.40 | +1.00% | 40.40 |" in text
+    assert "| allreduce (exact mean every round) | 40.00 | +0.00% |" in text and "1,500 (est.)" in text
+    assert "| local (no communication) | 44.00 | +10.00% |" in text
+    plot = plot_ppl_vs_bytes(full_rows(), tmp_path / "p.png")
+    assert plot.stat().st_size > 10_000
+
+
+def test_scaling_and_micro_tables():
+    ok = {"name": "tiny, ring, 4 peers", "model": "tiny", "topology": "topologies/ring.toml", "peers": 4, "round_s": 0.5,
+          "compute_s": 0.3, "comm_s": 0.01, "bytes_per_peer_per_round": 29000, "probe_gossip_s": 0.004, "probe_bare_s": 0.001}
+    failed = {"name": "SmolLM2, ring, 16 peers", "model": "SmolLM2", "error": "out of memory"}
+    text = scaling_table([ok, failed])
+    assert "| tiny | ring | 4 | 0.50 | 0.30 | 0.010 | 29,000 | 4.0 | 1.00 | 4.0x |" in text
+    assert "| SmolLM2 | SmolLM2, ring, 16 peers | | failed: out of memory |" in text
+    micro = micro_table([{"operation": "verify (open)", "input": "64 B payload", "seconds": 1.5e-4, "mb_per_s": 0.43}])
+    assert "| verify (open) | 64 B payload | 150 us | 0.4 MB/s |" in micro
+
+
+def test_rows_select_parts_of_a_suite():
+    rows, scaling, micro = BenchRun("full", ROOT / "bench", ["exponential"]).plan()
+    assert [r.name for r in rows] == ["gossip exponential", "gossip one-peer exponential"]
+    assert [r.name for _, r in scaling] == [f"{m}, exponential, {n} peers" for m in ("tiny", "SmolLM2") for n in (2, 4, 8, 16)]
+    assert not micro
+    assert BenchRun("full", ROOT / "bench", ["micro"]).plan()[2]
+    with pytest.raises(ValueError, match="matches no row of suite full"):
+        BenchRun("full", ROOT / "bench", ["no such row"]).plan()
+
+
+@pytest.mark.parametrize("name", sorted(SUITES))
+def test_every_row_of_every_suite_is_a_valid_config(name):
+    suite = SUITES[name]
+    for row in suite.rows:
+        load_config(ROOT / suite.base, [*suite.common, *row.overrides]).check()
+    for scaling in suite.scaling:
+        for row in scaling.rows():
+            load_config(ROOT / scaling.base, [*scaling.common, *row.overrides]).check()

@@ -106,3 +106,18 @@ def test_shakespeare_by_role():
     roles = speaking_roles(("hamlet", dict(works)["hamlet"]))
     names = {n.split("/")[1] for n, _ in roles}
     assert {"HAM", "HOR"} <= names
+
+
+def test_pooled_shares_give_one_process_every_peers_data_and_the_same_global_eval():
+    section = DataSection(block_size=64, eval_blocks=6)
+    peers = [load_peer_data(section, TOKENIZER, r, 4, seed=0) for r in range(4)]
+    pooled = load_peer_data(DataSection(block_size=64, eval_blocks=6, pool=4), TOKENIZER, 0, 1, seed=0)
+    # the centralised baseline trains on the union of the four peers' training text ...
+    assert abs(pooled.train.shape[0] - sum(p.train.shape[0] for p in peers)) <= 4  # block tails differ per join
+    # ... and is judged on exactly the blocks the four peers are judged on
+    assert all(torch.equal(pooled.global_eval, p.global_eval) for p in peers)
+    # two processes over four shares: each gets two peers' documents
+    half = load_peer_data(DataSection(block_size=64, eval_blocks=6, pool=4), TOKENIZER, 1, 2, seed=0)
+    assert half.description.count("shares 1, 3") == 1
+    with pytest.raises(DataError, match=r"\[data\] pool = 2: expected 0 or at least the 4 peers"):
+        load_peer_data(DataSection(block_size=64, pool=2), TOKENIZER, 0, 4, seed=0)
