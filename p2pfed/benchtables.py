@@ -177,11 +177,13 @@ def plot_ppl_vs_bytes(results: list[dict[str, Any]], path: Path) -> Path:
 
     sending = [r["bytes_total"] for r in results if r["bytes_total"]]
     floor = min(sending) / 4 if sending else 1.0
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
+    fig, ax = plt.subplots(figsize=(11, 5))
+    markers = "oD^v<>PX*hpd"
+    for i, r in enumerate(results):
         x = r["bytes_total"] or floor
-        ax.scatter(x, r["global_ppl"], marker="s" if not r["bytes_total"] else "o")
-        ax.annotate(r["name"], (x, r["global_ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.scatter(x, r["global_ppl"], marker="s" if not r["bytes_total"] else markers[i % len(markers)], s=45,
+                   label=f"{r['name']}: {r['global_ppl']:.2f}")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="row: final ppl", title_fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("total bytes sent by all peers (log; squares send nothing)")
     ax.set_ylabel("final global eval perplexity")
