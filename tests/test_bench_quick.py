@@ -27,7 +27,8 @@ def test_quick_suite_writes_every_table_the_full_suite_writes(tmp_path):
     assert rows["gossip ring, low rank 2 + int8, error feedback"]["compression"] > 5
     assert rows["gossip ring, secure (pairwise-masked)"]["mask_s"] > 0
     # every row judged on the same global eval blocks: the untrained starting point is the same number
-    assert len({round(r["global_ppl_before"], 6) for r in data["rows"]}) == 1
+    before = [r["global_ppl_before"] for r in data["rows"]]
+    assert max(before) / min(before) - 1 < 1e-4
     assert text.count("**met**") + text.count("**missed**") == 4
     # scaling: ring and exponential at 2 and 4 peers, each with the probe's ratio
     assert [s["name"] for s in data["scaling"]] == ["tiny, ring, 2 peers", "tiny, ring, 4 peers", "tiny, exponential, 2 peers",
