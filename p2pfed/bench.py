@@ -254,6 +254,7 @@ def scaling_figures(spec: Scaling, row: Row, run_dir: Path) -> dict[str, Any]:
     peers = summary["peers_table"]
     return {
         "name": row.name, "model": spec.label, "topology": summary["topology"], "peers": summary["peers"], "run_dir": str(run_dir),
+        "wall_s": summary["wall_s"],
         "round_s": sum(per_round) / len(per_round),
         "compute_s": sum(r["compute_s"] for r in records) / len(records),
         "comm_s": sum(r["comm_s"] for r in records) / len(records),

@@ -59,6 +59,7 @@ def full_rows(exponential_ppl=40.5, compressed_bytes=90.0, secure_ppl=41.0, code
     for r in rows:
         r.setdefault("bytes_total", r["bytes_per_peer_per_round"] * 12)
         r["codec_s"] = codec_s
+        r["config"] = {"model": {"name": "smollm2-135m"}}
     return rows
 
 
@@ -69,6 +70,13 @@ def test_convergence_goals_are_computed_from_the_rows():
                              "gossip ring, low rank 2 + int8, error feedback sends 11.1x fewer bytes at +1.24% **met**")
     assert "at most 1.50% (gossip ring, secure (pairwise-masked)) **met**" in met[2]  # (0.01 + 0.001 + 0.004) / 1.0
     assert met[3] == "- Secure gossip within 3% of plain gossip perplexity: +1.49% **met**."
+    # the whole-exchange probe is read from the scaling runs of the task's own model only
+    probe = {"probe_gossip_s": 0.05, "probe_bare_s": 0.01, "round_s": 4.0}
+    scaling = [{**probe, "model": "SmolLM2", "config": {"model": {"name": "smollm2-135m"}}},
+               {**probe, "model": "tiny", "round_s": 0.02, "config": {"model": {"name": "tiny"}}}]
+    assert convergence_goals(full_rows(), scaling)[2].endswith(
+        "Timed whole (SmolLM2 rows of the scaling table), a gossip exchange takes 5.0-5.0x a bare send/recv of its bytes; "
+        "the difference is at most 1.00% of a round.")
     missed = convergence_goals(full_rows(exponential_ppl=41.0, compressed_bytes=200.0, secure_ppl=42.0, codec_s=0.06), [])
     assert len(missed) == 4 and all("**missed**" in line for line in missed)
     assert "5.0x fewer bytes" in missed[1]
@@ -88,7 +96,7 @@ def test_scaling_and_micro_tables():
           "compute_s": 0.3, "comm_s": 0.01, "bytes_per_peer_per_round": 29000, "probe_gossip_s": 0.004, "probe_bare_s": 0.001}
     failed = {"name": "SmolLM2, ring, 16 peers", "model": "SmolLM2", "error": "out of memory"}
     text = scaling_table([ok, failed])
-    assert "| tiny | ring | 4 | 0.50 | 0.30 | 0.010 | 29,000 | 4.0 | 1.00 | 4.0x |" in text
+    assert "| tiny | ring | 4 | 0.50 | 0.30 | 0.010 | 29,000 | 4.0 | 1.00 | 4.0x | 0.60% |" in text
     assert "| SmolLM2 | SmolLM2, ring, 16 peers | | failed: out of memory |" in text
     micro = micro_table([{"operation": "verify (open)", "input": "64 B payload", "seconds": 1.5e-4, "mb_per_s": 0.43}])
     assert "| verify (open) | 64 B payload | 150 us | 0.4 MB/s |" in micro
