@@ -30,8 +30,8 @@ from p2pfed.gossip import Averager
 from p2pfed.identity import Identity, IdentityError, Roster, load_identity
 from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round
 from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
-from p2pfed.probe import probe_exchange
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
+from p2pfed.probe import probe_exchange
 from p2pfed.secure import FixedPoint
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
 from p2pfed.train import BlockSampler, LocalTrainer, evaluate
