@@ -21,6 +21,16 @@ def spawn_peers(worker, world_size: int, tmp_path: Path, *args) -> None:
     mp.spawn(worker, args=(world_size, str(store), *args), nprocs=world_size, join=True)
 
 
+def save_peer_result(out: str, rank: int, result: dict) -> None:
+    """Inside a spawned peer: leave what it measured for the test to read."""
+    Path(out, f"{rank}.json").write_text(json.dumps(result))
+
+
+def peer_results(directory: Path, world_size: int) -> list[dict]:
+    """What every spawned peer saved with `save_peer_result`, in rank order."""
+    return [json.loads((directory / f"{rank}.json").read_text()) for rank in range(world_size)]
+
+
 def deterministic_identity(rank: int):
     """Keys derived from the rank, so every spawned process agrees on the roster without a file."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

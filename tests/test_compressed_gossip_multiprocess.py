@@ -2,14 +2,13 @@
 with top-1% and with int4 messages, and keeps the network mean; plain compressed
 averaging with error feedback agrees too, but wanders off the mean."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import join_gloo_group, spawn_peers
+from conftest import join_gloo_group, peer_results, save_peer_result, spawn_peers
 from p2pfed.codec import CodecSettings, build_codec
 from p2pfed.consensus import exact_consensus_distance
 from p2pfed.gossip import Averager
@@ -49,13 +48,13 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
             if (t + 1) % 50 == 0 or t + 1 == rounds:
                 distances.append(exact_consensus_distance(x, transport))
         result[name] = {"distances": distances, "final": x.tolist(), "bytes_per_round": sent / rounds}
-    Path(out, f"{rank}.json").write_text(json.dumps(result))
+    save_peer_result(out, rank, result)
     dist.destroy_process_group()
 
 
 def test_choco_gossip_reaches_consensus_with_top1pct_and_int4(tmp_path):
     spawn_peers(worker, WORLD, tmp_path, str(tmp_path))
-    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(WORLD)]
+    results = peer_results(tmp_path, WORLD)
     mean = torch.stack([start_vector(r) for r in range(WORLD)]).mean(dim=0)
     fp32_bytes = 2 * (OVERHEAD + DIM * 4)  # two ring neighbours, fp32 envelopes
 

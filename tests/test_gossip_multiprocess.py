@@ -1,13 +1,12 @@
 """Real gloo peers (4 processes) gossiping vectors through the production code path."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import join_gloo_group, spawn_peers
+from conftest import join_gloo_group, peer_results, save_peer_result, spawn_peers
 from p2pfed.codec import get_codec
 from p2pfed.consensus import consensus_distance_of, exact_consensus_distance
 from p2pfed.gossip import Averager
@@ -49,14 +48,14 @@ def gossip_worker(rank: int, world: int, store: str, out: str) -> None:
     # 4) the distributed consensus distance equals a direct computation on gathered vectors
     z = start_vector(rank) * (rank + 1)
     result["distributed_xi"] = exact_consensus_distance(z, transport)
-    Path(out, f"{rank}.json").write_text(json.dumps(result))
+    save_peer_result(out, rank, result)
     dist.destroy_process_group()
 
 
 def test_gossip_converges_to_the_mean_at_the_spectral_rate(tmp_path):
     world = 4
     spawn_peers(gossip_worker, world, tmp_path, str(tmp_path))
-    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(world)]
+    results = peer_results(tmp_path, world)
     mean = torch.stack([start_vector(r) for r in range(world)]).mean(dim=0)
 
     # Ring of 4 with Metropolis weights: every non-unit eigenvalue has modulus 1/3, so the

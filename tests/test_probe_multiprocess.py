@@ -1,13 +1,12 @@
 """The bench's overhead probe on real gloo peers: gossip exchanges against bare send/recv of the same bytes."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import join_gloo_group, spawn_peers
+from conftest import join_gloo_group, peer_results, save_peer_result, spawn_peers
 from p2pfed.codec import get_codec
 from p2pfed.gossip import Averager
 from p2pfed.probe import probe_exchange
@@ -29,14 +28,14 @@ def probe_worker(rank: int, world: int, store: str, out: str) -> None:
         probe = probe_exchange(averager, transport, vector, first_round=7, probes=3)
         results[spec] = {"gossip_s": probe.gossip_s, "bare_s": probe.bare_s, "bytes": probe.message_bytes,
                          "exchanges": averager.exchanges, "accepted": sorted(averager.verifier.accepted.values())}
-    Path(out, f"{rank}.json").write_text(json.dumps(results))
+    save_peer_result(out, rank, results)
     dist.destroy_process_group()
 
 
 def test_probe_times_real_exchanges_of_the_bytes_gossip_sends(tmp_path):
     world = 3
     spawn_peers(probe_worker, world, tmp_path, str(tmp_path))
-    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(world)]
+    results = peer_results(tmp_path, world)
     for r in results:
         # the bare exchange moved exactly one signed fp32 envelope per neighbour ...
         assert r["fp32"]["bytes"] == OVERHEAD + 4 * DIM

@@ -2,14 +2,13 @@
 torus it reaches the same consensus as plain gossip within the fixed-point bound, and when
 one peer abstains for a round its neighbours complete the sum over the others."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import join_gloo_group, spawn_peers
+from conftest import join_gloo_group, peer_results, save_peer_result, spawn_peers
 from p2pfed.codec import get_codec
 from p2pfed.config import FaultSection, LoraSection
 from p2pfed.consensus import exact_consensus_distance
@@ -52,13 +51,13 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
     _, later = averager.average(mixed, 2)  # and the round after goes on as usual
     result["dropout"] = {"before": before.tolist(), "mixed": mixed.tolist(), "dropouts": stats.dropouts, "abandoned": stats.abandoned,
                          "rejected": stats.rejected, "later_dropouts": later.dropouts, "later_abandoned": later.abandoned}
-    Path(out, f"{rank}.json").write_text(json.dumps(result))
+    save_peer_result(out, rank, result)
     dist.destroy_process_group()
 
 
 def test_secure_gossip_matches_plain_and_recovers_a_dropout(tmp_path):
     spawn_peers(worker, WORLD, tmp_path, str(tmp_path))
-    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(WORLD)]
+    results = peer_results(tmp_path, WORLD)
     for name, senders in (("ring", 2), ("torus", 3)):
         bound = ROUNDS * senders * FIXED.resolution  # each round, each sender's value is off by < one step
         for r in results:
