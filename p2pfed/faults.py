@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pfed.config import FaultSection
 from p2pfed.identity import Identity
-from p2pfed.secure import ABSTAIN
+from p2pfed.secure.protocol import ABSTAIN
 from p2pfed.wire import HEADER_STRUCT, OVERHEAD, seal
 
 
@@ -56,8 +56,8 @@ class FaultInjector:
         header = list(HEADER_STRUCT.unpack_from(message))
         key = self.identity.signing
         if self.kind == "abstain":  # a well-formed, signed "I have nothing for this round"
-            _, _, _, _, sender, to, round, step, epoch, _, _ = header
-            return seal(key, sender, to, round, step, epoch, ABSTAIN, b"")
+            _, _, _, purpose, sender, to, round, step, epoch, _, _, session = header
+            return seal(key, sender, to, round, step, epoch, ABSTAIN, b"", session=session, purpose=purpose)
         if self.kind == "foreign_key":
             key = self.foreign
         else:  # misaddress: a message meant for a peer that is not this link's receiver

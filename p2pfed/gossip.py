@@ -25,8 +25,9 @@ from p2pfed.config import ConfigError
 from p2pfed.faults import FaultInjector
 from p2pfed.identity import Identity, Roster
 from p2pfed.topology import Topology
+from p2pfed.secure import FixedPoint, Purpose, SecureError, check_secure_topology, establish_session
+from p2pfed.secure import protocol as secure_phases
 from p2pfed.transport import Transport, TransportTimeout
-from p2pfed.secure import ABSTAIN, CORRECTION, REQUEST, FixedPoint, SecureCost, SecureError, SecureNeighbourhood, check_secure_topology, decode_missing, encode_missing
 from p2pfed.wire import OVERHEAD, Verifier, WireError, seal
 
 log = logging.getLogger("p2pfed.gossip")
@@ -55,6 +56,9 @@ class RoundStats:
     """Secure mode: senders missing from the sum whose masks were removed by recovery."""
     abandoned: bool = False
     """Secure mode: the sum could not be completed, so this peer kept its own adapter."""
+    inconsistent: int = 0
+    """Secure mode: receivers this peer released nothing to, because their helpers did not
+    all sign the same survivor list (a receiver lying about who is present)."""
     local_consensus: float | None = None
     """(1/2) sum_j W_ij ||x_i - x_j||^2 over the neighbours heard (free; before mixing). Its
     mean over peers is Xi^2 exactly for a complete graph with uniform weights."""
@@ -75,6 +79,7 @@ class RoundStats:
             total.mask_s += s.mask_s
             total.clipped += s.clipped
             total.dropouts += s.dropouts
+            total.inconsistent += s.inconsistent
             total.abandoned = total.abandoned or s.abandoned
             for reason, count in s.rejected.items():
                 total.rejected[reason] = total.rejected.get(reason, 0) + count
@@ -87,7 +92,8 @@ class Averager:
     def __init__(self, transport: Transport, mode: str, codec: Codec, topology: Topology | None,
                  identity: Identity | None = None, roster: Roster | None = None, faults: FaultInjector | None = None,
                  *, algorithm: str = "plain", gamma: float = 0.5, error_feedback: bool = False,
-                 initial: torch.Tensor | None = None, secure: FixedPoint | None = None, seed: int = 0) -> None:
+                 initial: torch.Tensor | None = None, secure: FixedPoint | None = None, seed: int = 0,
+                 session: bytes | None = None) -> None:
         if mode == "gossip" and (topology is None or identity is None or roster is None):
             raise ValueError("gossip mode needs a topology, this peer's identity and the roster")
         self.transport = transport
@@ -96,7 +102,7 @@ class Averager:
         self.codec = codec
         self.topology = topology
         self.identity = identity
-        self.verifier = Verifier(self.rank, roster) if roster is not None else None
+        self.verifier: Verifier | None = None
         self.faults = faults
         self.algorithm = algorithm
         self.gamma = gamma
@@ -114,22 +120,34 @@ class Averager:
         """Neighbours whose copy fell out of step (a refused message); no longer mixed."""
         self.exchanges = 0
         """Exchanges so far: every peer counts the same, so it tags messages in lockstep."""
-        self.secure: SecureNeighbourhood | None = None
+        self.secure: secure_phases.Neighbourhood | None = None
         if secure is not None:
             assert topology is not None and identity is not None and roster is not None
             check_secure_topology(topology, secure)
-            self.secure = SecureNeighbourhood(identity, roster, topology, secure, Codec.STRUCTURES.index(codec.structure), seed)
+            self.secure = secure_phases.Neighbourhood(identity, roster, topology, secure, secure_phases.SECURE_CODEC +
+                                                      Codec.STRUCTURES.index(codec.structure), torch.Generator().manual_seed(seed))
+        self.contexts: set[tuple[int, int, int]] = set()
+        """(purpose, round, step) exchanged in this session: none may repeat (masks would)."""
+        self.session = b""
+        if mode == "gossip" and roster is not None:
+            # drawn afresh at every start (all peers together): binds every message and mask to this attempt
+            self.session = session if session is not None else establish_session(transport)
+            self.verifier = Verifier(self.rank, roster, self.session)
 
-    def average(self, vector: torch.Tensor, round: int, step: int = 0) -> tuple[torch.Tensor, RoundStats]:
+    def average(self, vector: torch.Tensor, round: int, step: int = 0, purpose: Purpose = Purpose.TRAIN) -> tuple[torch.Tensor, RoundStats]:
         """Return the mixed vector for gossip step `step` of `round`, and what it cost."""
         if self.mode == "local":
             return vector, RoundStats()
         if self.mode == "allreduce":
             return self._allreduce(vector)
+        if (purpose, round, step) in self.contexts:
+            raise SecureError(f"peer {self.rank}: round {round} step {step} (purpose {purpose.name}) was already exchanged in this "
+                              "session; a second exchange would reuse its masks and keys")
+        self.contexts.add((purpose, round, step))
         try:
             if self.secure is not None:
-                return self._secure_gossip(vector, round, step)
-            return self._gossip(vector, round, step)
+                return self._secure_gossip(vector, round, step, purpose)
+            return self._gossip(vector, round, step, purpose)
         except TransportTimeout as err:
             raise TransportTimeout(f"round {round + 1}{f' step {step}' if step else ''}: {err}") from None
 
@@ -141,7 +159,7 @@ class Averager:
             "lost": sorted(self.lost), "residual": self.feedback.residual if self.feedback else None,
             "warm_start": self.codec.warm_start,
             "rounding": values.generator.get_state() if isinstance(values, StochasticInt) else None,
-            "secure": self.secure.generator.get_state() if self.secure else None,
+            "secure": self.secure.generator.get_state() if self.secure is not None else None,
         }
 
     def restore(self, state: dict) -> None:
@@ -166,21 +184,24 @@ class Averager:
         stats.bytes_received += sum(len(m) for m in incoming.values())
         return incoming
 
-    def _seal_all(self, payloads: dict[int, bytes], round: int, step: int, codec: int, stats: RoundStats) -> dict[int, bytes]:
+    def _seal_all(self, payloads: dict[int, bytes], round: int, step: int, codec: int, stats: RoundStats,
+                  purpose: Purpose = Purpose.TRAIN) -> dict[int, bytes]:
         assert self.identity is not None and self.topology is not None
         start = time.perf_counter()
         epoch = round % self.topology.period
-        sealed = {j: seal(self.identity.signing, self.rank, j, round, step, epoch, codec, p) for j, p in payloads.items()}
+        sealed = {j: seal(self.identity.signing, self.rank, j, round, step, epoch, codec, p, session=self.session, purpose=purpose)
+                  for j, p in payloads.items()}
         stats.crypto_s += time.perf_counter() - start
         return sealed
 
     def _open(self, message: bytes, source: int, round: int, step: int, senders: list[int], max_payload: int,
-              codecs: tuple[int, ...], stats: RoundStats) -> tuple[int, bytes] | None:
+              codecs: tuple[int, ...], stats: RoundStats, purpose: Purpose = Purpose.TRAIN) -> tuple[int, bytes] | None:
         """(codec id, payload) of a verified message, or None after counting and logging the refusal."""
-        assert self.verifier is not None
+        assert self.verifier is not None and self.topology is not None
         start = time.perf_counter()
         try:
-            header, payload = self.verifier.open_header(message, source, round, step, senders, max_payload, codecs)
+            header, payload = self.verifier.open_header(message, source, round, step, senders, max_payload, codecs, purpose,
+                                                        round % self.topology.period)
             return header.codec, payload
         except WireError as err:
             stats.rejected[err.reason] = stats.rejected.get(err.reason, 0) + 1
@@ -189,57 +210,50 @@ class Averager:
         finally:
             stats.crypto_s += time.perf_counter() - start
 
-    def _secure_gossip(self, vector: torch.Tensor, round: int, step: int) -> tuple[torch.Tensor, RoundStats]:
-        """Masked data, then missing-sender reports, then (only if needed) corrections; see p2pfed.secure."""
+    def _secure_gossip(self, vector: torch.Tensor, round: int, step: int, purpose: Purpose) -> tuple[torch.Tensor, RoundStats]:
+        """The phases of p2pfed.secure.protocol in order, then the mix with what they unmasked."""
         assert self.topology is not None and self.secure is not None
-        secure, weights = self.secure, self.topology.weights(round)[self.rank]
-        senders = self.topology.in_neighbours(self.rank, round)
-        receivers = self.topology.out_neighbours(self.rank, round)
-        stats, cost = RoundStats(neighbours=senders), SecureCost()
+        nb, phases = self.secure, secure_phases
+        senders, receivers = self.topology.in_neighbours(self.rank, round), self.topology.out_neighbours(self.rank, round)
+        stats = RoundStats(neighbours=senders)
         chosen = self.codec.shared_indices(vector.numel(), round, step) if self.codec.structure == "randk" else None
         values = vector if chosen is None else vector[chosen]
-        count = values.numel()
+        state = phases.Exchange(round, step, int(purpose), self.session, values.numel())
+        channel = _SecureChannel(self, round, step, purpose, stats)
 
         start = time.perf_counter()
-        payloads = secure.contributions(values, round, step, cost)
-        stats.codec_s += time.perf_counter() - start - cost.mask_s
-        outgoing = self._seal_all(payloads, round, step, secure.codec_id, stats)
-        if self.faults is not None:
-            outgoing = self.faults.corrupt(outgoing, round + 1)
-        stats.bytes_fp32 = len(outgoing) * (OVERHEAD + 4 * vector.numel())
-        present: dict[int, bytes] = {}
-        for j, message in sorted(self._exchange(outgoing, senders, stats, partial=True).items()):
-            opened = self._open(message, j, round, step, senders, 4 * count, (secure.codec_id, ABSTAIN), stats)
-            if opened is not None and opened[0] == ABSTAIN:
-                stats.rejected["abstain"] = stats.rejected.get("abstain", 0) + 1
-                log.warning("peer %d, round %d: peer %d abstained", self.rank, round + 1, j)
-            elif opened is not None:
-                present[j] = opened[1]
-        missing = [j for j in senders if j not in present]
-        for j in missing:
-            self.verifier.close(j, round, step, (secure.codec_id, ABSTAIN))  # type: ignore[union-attr]
+        data = phases.send_data(nb, state, values)
+        stats.codec_s += time.perf_counter() - start - state.cost.mask_s
+        stats.bytes_fp32 = len(data) * (OVERHEAD + 4 * vector.numel())
+        heard, arrived = channel.exchange(data, nb.data_kind, senders, (nb.data_kind, phases.ABSTAIN),
+                                          phases.max_data_payload(nb, state), patience=1, tamper=True)
+        for j in senders:
+            if j not in heard:  # a late copy must not count after the exchange went on without it
+                self.verifier.close(j, round, step, (nb.data_kind, phases.ABSTAIN))  # type: ignore[union-attr]
+        # phases 2-5 talk only between a receiver and its helpers: those whose data arrived
+        lists = phases.choose_survivors(nb, state, channel, heard, arrived)
+        lists_heard, writers = channel.exchange(lists, phases.SURVIVORS, receivers, (phases.SURVIVORS,), phases.max_survivors_payload(nb), 2)
+        writers = sorted(writers)
+        consents = phases.consent(nb, state, channel, lists_heard, writers)
+        consents_heard, _ = channel.exchange(consents, phases.CONSENT, state.helpers, (phases.CONSENT,), phases.SIGNATURE_SIZE, 3)
+        bundles = phases.collect_consents(nb, state, channel, consents_heard)
+        bundles_heard, _ = channel.exchange(bundles, phases.CONSENTS, writers, (phases.CONSENTS,),
+                                            phases.SIGNATURE_SIZE * self.topology.n, 4)
+        releases = phases.release(nb, state, channel, bundles_heard, writers)
+        releases_heard, _ = channel.exchange(releases, phases.RELEASE, state.helpers, (phases.RELEASE,),
+                                             phases.max_release_payload(nb, state.count), 5)
+        total = phases.unmask(nb, state, channel, releases_heard)
 
-        reports = self._seal_all({j: encode_missing(missing) for j in senders}, round, step, REQUEST, stats)
-        requests: dict[int, list[int]] = {}
-        for i, message in sorted(self._exchange(reports, receivers, stats, partial=True, patience=2).items()):
-            opened = self._open(message, i, round, step, receivers, 4 * self.transport.world_size, (REQUEST,), stats)
-            try:
-                requests[i] = decode_missing(opened[1], self.topology.in_neighbours(i, round)) if opened else []
-            except SecureError as err:
-                log.warning("peer %d, round %d: ignoring peer %d's dropout report: %s", self.rank, round + 1, i, err)
-        fixes = self._seal_all(secure.corrections(requests, round, step, count, cost), round, step, CORRECTION, stats)
-        expected = sorted(present) if secure.expects_corrections(senders, missing) else []
-        corrections = {j: opened[1] for j, m in self._exchange(fixes, expected, stats, partial=True, patience=3).items()
-                       if (opened := self._open(m, j, round, step, expected, 4 * count, (CORRECTION,), stats)) is not None}
-
-        stats.mask_s, stats.clipped, stats.dropouts = cost.mask_s, cost.clipped, len(missing)
-        if len(present) < 2 or (missing and len(corrections) != len(present)):
+        cost = state.cost
+        stats.mask_s, stats.clipped, stats.dropouts, stats.inconsistent = cost.mask_s, cost.clipped, cost.dropouts, cost.inconsistent
+        if total is None:
             stats.abandoned = True
-            log.warning("peer %d, round %d: secure sum abandoned (%d of %d senders, %d corrections): keeping its own adapter",
-                        self.rank, round + 1, len(present), len(senders), len(corrections))
+            log.warning("peer %d, round %d: secure sum abandoned (%d of %d senders present): keeping its own adapter",
+                        self.rank, round + 1, len(state.data), len(senders))
             return vector, stats
         start = time.perf_counter()
-        total = SecureNeighbourhood.unmask([present[j] for j in sorted(present)], list(corrections.values()), secure.fixed, count)
+        present = state.survivors.present if state.survivors is not None else ()
+        weights = self.topology.weights(round)[self.rank]
         self_weight = 1.0 - sum(float(weights[j]) for j in present)
         mixed = vector.clone()
         if chosen is None:
@@ -257,7 +271,7 @@ class Averager:
         estimate = int(2 * (n - 1) / n * vector.numel() * 4)
         return mean, RoundStats(bytes_sent=estimate, bytes_received=estimate, bytes_estimated=True, bytes_fp32=estimate, comm_s=time.perf_counter() - start, neighbours=[])
 
-    def _gossip(self, vector: torch.Tensor, round: int, step: int) -> tuple[torch.Tensor, RoundStats]:
+    def _gossip(self, vector: torch.Tensor, round: int, step: int, purpose: Purpose) -> tuple[torch.Tensor, RoundStats]:
         assert self.topology is not None and self.identity is not None
         weights = self.topology.weights(round)[self.rank]
         senders = self.topology.in_neighbours(self.rank, round)
@@ -267,7 +281,7 @@ class Averager:
         start = time.perf_counter()
         payload = self._encode(vector, round, step)
         stats.codec_s += time.perf_counter() - start
-        outgoing = self._seal_all({j: payload for j in receivers}, round, step, self.codec.id, stats)
+        outgoing = self._seal_all({j: payload for j in receivers}, round, step, self.codec.id, stats, purpose)
         if self.faults is not None:
             outgoing = self.faults.corrupt(outgoing, round + 1)
         stats.bytes_fp32 = len(outgoing) * (OVERHEAD + 4 * vector.numel())
@@ -275,7 +289,7 @@ class Averager:
 
         heard: dict[int, torch.Tensor] = {}
         for j in sorted(incoming):  # fixed order: the same inputs give the same bits
-            message = self._accept(incoming[j], j, round, step, senders, vector.numel(), stats)
+            message = self._accept(incoming[j], j, round, step, senders, vector.numel(), stats, purpose)
             if message is not None and j not in self.lost:
                 heard[j] = self._neighbour_value(j, message, vector)
             elif message is None and self.stateful and j not in self.lost:
@@ -323,9 +337,10 @@ class Averager:
             mixed.add_(heard[j], alpha=float(weights[j]))
         return mixed
 
-    def _accept(self, message: bytes, source: int, round: int, step: int, senders: list[int], length: int, stats: RoundStats) -> Decoded | None:
+    def _accept(self, message: bytes, source: int, round: int, step: int, senders: list[int], length: int, stats: RoundStats,
+                purpose: Purpose) -> Decoded | None:
         """Verify and decode one neighbour's message; None (and one log line) if refused."""
-        opened = self._open(message, source, round, step, senders, self.codec.max_payload(length), (self.codec.id,), stats)
+        opened = self._open(message, source, round, step, senders, self.codec.max_payload(length), (self.codec.id,), stats, purpose)
         if opened is None:
             return None
         start = time.perf_counter()
@@ -337,3 +352,28 @@ class Averager:
             return None
         finally:
             stats.codec_s += time.perf_counter() - start
+
+
+class _SecureChannel:
+    """The averager's sealed, verified, counted exchanges, bound to one secure exchange."""
+
+    def __init__(self, averager: Averager, round: int, step: int, purpose: Purpose, stats: RoundStats) -> None:
+        self.averager, self.rank, self.round, self.step, self.purpose, self.stats = averager, averager.rank, round, step, purpose, stats
+
+    def exchange(self, outgoing: dict[int, bytes], kind: int, listen: list[int], accept: tuple[int, ...], max_payload: int,
+                 patience: int, tamper: bool = False) -> tuple[dict[int, tuple[int, bytes]], set[int]]:
+        averager, stats = self.averager, self.stats
+        sealed = averager._seal_all(outgoing, self.round, self.step, kind, stats, self.purpose)
+        if tamper and averager.faults is not None:
+            sealed = averager.faults.corrupt(sealed, self.round + 1)
+        incoming = averager._exchange(sealed, listen, stats, partial=True, patience=patience)
+        heard = {}
+        for j, message in sorted(incoming.items()):
+            opened = averager._open(message, j, self.round, self.step, listen, max_payload, accept, stats, self.purpose)
+            if opened is not None:
+                heard[j] = opened
+        return heard, set(incoming)
+
+    def refuse(self, source: int, error: SecureError) -> None:
+        self.stats.rejected[error.reason] = self.stats.rejected.get(error.reason, 0) + 1
+        log.warning("peer %d, round %d: message from peer %d refused: %s", self.rank, self.round + 1, source, error)

@@ -31,6 +31,22 @@ class TransportTimeout(RuntimeError):
     """A neighbour sent nothing within the exchange timeout; the message names it."""
 
 
+class TransportRefused(RuntimeError):
+    """A peer announced a length outside what this exchange can carry; the message names it."""
+
+
+DEFAULT_GATHER_LIMIT = 1 << 20
+"""The most bytes any peer may contribute to an all-gather unless the caller says otherwise."""
+
+
+def check_gather_lengths(lengths: list[int], max_length: int | None, me: Rank) -> None:
+    """Refuse, naming the peer, a length below 0 or above the bound, before any allocation."""
+    bound = DEFAULT_GATHER_LIMIT if max_length is None else max_length
+    for rank, length in enumerate(lengths):
+        if not 0 <= length <= bound:
+            raise TransportRefused(f"peer {me}: peer {rank} announced {length} bytes for an all-gather that carries at most {bound}")
+
+
 class Transport(Protocol):
     """What gossip needs from the network."""
 
@@ -52,8 +68,9 @@ class Transport(Protocol):
         """Element-wise sum over all peers (baseline averaging and monitoring only)."""
         ...
 
-    def all_gather_bytes(self, data: bytes) -> list[bytes]:
-        """Every peer's byte string, in rank order (run summary only)."""
+    def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
+        """Every peer's byte string, in rank order (session nonces, run summary). A peer that
+        announces more than `max_length` bytes is refused before anything is allocated."""
         ...
 
 
@@ -114,10 +131,11 @@ class TorchTransport:
         dist.all_reduce(work, op=dist.ReduceOp.SUM)
         return work.to(tensor.device)
 
-    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+    def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
         length = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
         lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
         dist.all_gather(lengths, length)
+        check_gather_lengths([int(t.item()) for t in lengths], max_length, self.rank)
         size = max(int(t.item()) for t in lengths)
         padded = torch.zeros(size, dtype=torch.uint8, device=self.device)
         if data:
@@ -227,5 +245,7 @@ class LocalTransport:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return torch.stack(self._collective("sum", tensor.detach().clone())).sum(dim=0)
 
-    def all_gather_bytes(self, data: bytes) -> list[bytes]:
-        return self._collective("gather", bytes(data))
+    def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
+        gathered = self._collective("gather", bytes(data))
+        check_gather_lengths([len(g) for g in gathered], max_length, self.rank)
+        return gathered

@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from p2pfed.identity import Roster
 
 MAGIC = b"P2PF"
-VERSION = 2
-HEADER_STRUCT = struct.Struct("<4sBBHIIIIIQ32s")
+VERSION = 3
+HEADER_STRUCT = struct.Struct("<4sBBHIIIIIQ32s16s")
+SESSION_SIZE = 16
+NO_SESSION = bytes(SESSION_SIZE)
 HEADER_SIZE = HEADER_STRUCT.size
 SIGNATURE_SIZE = 64
 OVERHEAD = HEADER_SIZE + SIGNATURE_SIZE
@@ -36,7 +38,7 @@ class WireError(ValueError):
 
 @dataclass(frozen=True)
 class Header:
-    """Who sent what to whom, for which round and gossip step."""
+    """Who sent what to whom, for which session, purpose, round and gossip step."""
 
     sender: int
     receiver: int
@@ -46,11 +48,16 @@ class Header:
     codec: int
     payload_length: int
     digest: bytes
+    purpose: int = 0
+    session: bytes = NO_SESSION
 
 
-def seal(key: Ed25519PrivateKey, sender: int, receiver: int, round: int, step: int, epoch: int, codec: int, payload: bytes) -> bytes:
-    """Serialise and sign: header || signature(header) || payload."""
-    header = HEADER_STRUCT.pack(MAGIC, VERSION, codec, 0, sender, receiver, round, step, epoch, len(payload), hashlib.sha256(payload).digest())
+def seal(key: Ed25519PrivateKey, sender: int, receiver: int, round: int, step: int, epoch: int, codec: int, payload: bytes,
+         *, session: bytes = NO_SESSION, purpose: int = 0) -> bytes:
+    """Serialise and sign: header || signature(header) || payload. The session (drawn at every
+    process start) and the purpose bind the message to one run attempt and one use."""
+    header = HEADER_STRUCT.pack(MAGIC, VERSION, codec, purpose, sender, receiver, round, step, epoch, len(payload),
+                                hashlib.sha256(payload).digest(), session)
     return header + key.sign(header) + payload
 
 
@@ -58,7 +65,7 @@ def parse(data: bytes, max_payload: int) -> tuple[Header, bytes, bytes, bytes]:
     """Framing only: (header, header bytes, signature, payload); no cryptography yet."""
     if len(data) < OVERHEAD:
         raise WireError("truncated", f"{len(data)} bytes, shorter than the {OVERHEAD}-byte header and signature")
-    magic, version, codec, _, sender, receiver, round, step, epoch, length, digest = HEADER_STRUCT.unpack_from(data)
+    magic, version, codec, purpose, sender, receiver, round, step, epoch, length, digest, session = HEADER_STRUCT.unpack_from(data)
     if magic != MAGIC:
         raise WireError("malformed", "not a p2pfed envelope (bad magic)")
     if version != VERSION:
@@ -67,7 +74,7 @@ def parse(data: bytes, max_payload: int) -> tuple[Header, bytes, bytes, bytes]:
         raise WireError("oversized", f"payload of {length} bytes exceeds the {max_payload} allowed")
     if len(data) != OVERHEAD + length:
         raise WireError("truncated", f"header announces {length} payload bytes, got {len(data) - OVERHEAD}")
-    header = Header(sender, receiver, round, step, epoch, codec, length, digest)
+    header = Header(sender, receiver, round, step, epoch, codec, length, digest, purpose, session)
     return header, data[:HEADER_SIZE], data[HEADER_SIZE:OVERHEAD], data[OVERHEAD:]
 
 
@@ -78,15 +85,18 @@ class Verifier:
 
     rank: int
     roster: Roster
+    session: bytes = NO_SESSION
+    """This run attempt's session: a message sealed for another one is refused (`session`)."""
     accepted: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     closed: set[tuple[int, int, int, int]] = field(default_factory=set)
 
-    def open(self, data: bytes, source: int, round: int, step: int, neighbours: list[int], max_payload: int, codec: int) -> bytes:
+    def open(self, data: bytes, source: int, round: int, step: int, neighbours: list[int], max_payload: int, codec: int,
+             purpose: int = 0) -> bytes:
         """Return the payload of a message `source` delivered for (round, step), or raise WireError."""
-        return self.open_header(data, source, round, step, neighbours, max_payload, (codec,))[1]
+        return self.open_header(data, source, round, step, neighbours, max_payload, (codec,), purpose)[1]
 
     def open_header(self, data: bytes, source: int, round: int, step: int, neighbours: list[int], max_payload: int,
-                    codecs: tuple[int, ...]) -> tuple[Header, bytes]:
+                    codecs: tuple[int, ...], purpose: int = 0, epoch: int | None = None) -> tuple[Header, bytes]:
         """Like `open`, accepting any of `codecs` (message kinds), and returning the header too."""
         header, header_bytes, signature, payload = parse(data, max_payload)
         keys = self.roster.get(header.sender)
@@ -98,6 +108,12 @@ class Verifier:
             raise WireError("bad_signature", f"signature does not verify against peer {header.sender}'s roster key") from None
         if hashlib.sha256(payload).digest() != header.digest:
             raise WireError("digest", "payload does not match the signed SHA-256 digest")
+        if header.session != self.session:
+            raise WireError("session", f"sealed for session {header.session.hex()[:8]}, not this run attempt's {self.session.hex()[:8]}")
+        if header.purpose != purpose:
+            raise WireError("purpose", f"sealed for purpose {header.purpose}, expected {purpose}")
+        if epoch is not None and header.epoch != epoch:
+            raise WireError("epoch", f"sealed for topology epoch {header.epoch}, expected {epoch} (round {round} of the schedule)")
         if header.receiver != self.rank:
             raise WireError("wrong_receiver", f"addressed to peer {header.receiver}")
         if header.sender != source or header.sender not in neighbours:

@@ -27,6 +27,9 @@ class Tampering:
         bad = {j: m[:-1] + bytes([m[-1] ^ 0x01]) for j, m in outgoing.items()}
         return self.inner.exchange(bad, incoming_from, tag, partial, patience)
 
+    def all_gather_bytes(self, data, max_length=None):
+        return self.inner.all_gather_bytes(data, max_length)
+
 
 def run_round(world: int, tamper_rank: int | None):
     hub = LocalHub(world, timeout_s=10)

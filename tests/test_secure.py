@@ -15,13 +15,19 @@ from p2pfed.codec import CodecSettings, build_codec
 from p2pfed.config import ConfigError, FaultSection, load_config
 from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager
-from p2pfed.secure import FixedPoint, PairwiseMasks, SecureError, check_secure_topology, prg_words
+from p2pfed.secure import Context, FixedPoint, PairwiseMasks, Purpose, SecureError, check_secure_topology, prg_words
+from p2pfed.secure.masks import derive
 from p2pfed.topology import load_topology
 from p2pfed.transport import LocalHub
 from p2pfed.wire import Verifier, WireError, seal
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXED = FixedPoint(bound=4.0, frac_bits=20)
+SESSION = bytes(range(16))
+
+
+def ctx(round: int, step: int, receiver: int, session: bytes = SESSION, purpose: int = Purpose.TRAIN) -> Context:
+    return Context(session, purpose, round, step, receiver)
 
 
 def random_neighbourhoods(n: int, seed: int) -> nx.Graph:
@@ -43,17 +49,19 @@ def test_masks_cancel_bit_exactly_in_every_neighbourhood_and_round(seed):
             senders = sorted(graph.neighbors(i))
             total = np.zeros(64, dtype=np.uint32)
             for j in senders:
-                mask = masks[j].mask(i, senders, round, step, 64)
+                mask = masks[j].mask(ctx(round, step, i), senders, 64)
                 if len(senders) > 1:
                     assert mask.any()  # each single mask is far from zero ...
                 total += mask
             assert not total.any()  # ... and together they cancel exactly
 
 
-def test_masks_never_repeat_across_rounds_steps_or_receivers():
-    key = bytes(range(32))
-    streams = [prg_words(key, r, s, i, 16).tobytes() for r in range(3) for s in range(2) for i in range(3)]
-    assert len(set(streams)) == len(streams)
+def test_masks_never_repeat_across_rounds_steps_receivers_purposes_or_sessions():
+    secret = bytes(range(32))
+    contexts = [ctx(r, s, i, session, purpose) for r in range(3) for s in range(2) for i in range(3)
+                for session in (SESSION, bytes(16)) for purpose in Purpose]
+    streams = [prg_words(derive(secret, b"mask", c), 16).tobytes() for c in contexts]
+    assert len(set(streams)) == len(streams) == 3 * 2 * 3 * 2 * len(Purpose)
 
 
 def test_pair_secrets_agree_at_both_ends_and_differ_between_pairs():
@@ -73,7 +81,7 @@ def test_a_masked_message_is_indistinguishable_from_uniform():
     keys, roster = identities(3)
     values = torch.linspace(-0.05, 0.05, 50_000)  # a smooth, very non-uniform adapter slice
     words, _ = FIXED.encode(values * 0.5, torch.Generator().manual_seed(0))
-    masked = words + PairwiseMasks(keys[0], roster).mask(2, [0, 1], 7, 0, values.numel())
+    masked = words + PairwiseMasks(keys[0], roster).mask(ctx(7, 0, 2), [0, 1], values.numel())
     critical = 330.5  # chi-square with 255 degrees of freedom, p = 0.001
     assert chi_square_bytes(masked.tobytes()) < critical
     assert chi_square_bytes(words.tobytes()) > 10 * critical  # the unmasked encoding is obviously not uniform
@@ -127,8 +135,8 @@ def test_dropout_corrections_restore_the_exact_sum_of_the_remaining_masks():
         present = [j for j in senders if j not in missing]
         total = np.zeros(32, dtype=np.uint32)
         for j in present:
-            total += masks[j].mask(receiver, senders, 9, 0, 32)
-            total -= masks[j].mask(receiver, missing, 9, 0, 32)  # j's correction
+            total += masks[j].mask(ctx(9, 0, receiver), senders, 32)
+            total -= masks[j].mask(ctx(9, 0, receiver), missing, 32)  # j's correction
         assert not total.any()
 
 
@@ -196,10 +204,15 @@ def test_an_abstaining_sender_is_recovered_and_the_sum_covers_the_rest():
             assert stats.rejected == {"abstain": 1}
 
 
-def test_a_sender_that_never_arrives_is_recovered_after_the_timeout():
-    world, dead = 6, 4
+@pytest.mark.parametrize("topology_file, world, recovered", [("complete8.toml", 8, True), ("torus.toml", 6, False)])
+def test_a_sender_that_never_arrives_is_recovered_only_where_enough_helpers_remain(topology_file, world, recovered):
+    """Seven senders (complete graph of 8): six helpers remain, each present seed has five
+    holders among them, above the threshold of 4, so the sum of the six is completed. Three
+    senders (2x3 torus): each present seed has one holder left, below the threshold of 2,
+    so the receiver keeps its own adapter."""
+    dead = 4
     hub = LocalHub(world, timeout_s=1.0)
-    topology = load_topology(ROOT / "topologies/torus.toml", world)
+    topology = load_topology(ROOT / "topologies" / topology_file, world)
     keys, roster = identities(world)
     vectors = {r: torch.randn(50, generator=torch.Generator().manual_seed(r)) * 0.1 for r in range(world)}
     results: dict = {}
@@ -207,7 +220,8 @@ def test_a_sender_that_never_arrives_is_recovered_after_the_timeout():
     def peer(rank):
         if rank == dead:
             return  # crashed before the round: sends nothing, answers nothing
-        averager = Averager(hub.transport(rank), "gossip", build_codec("fp32"), topology, keys[rank], roster, secure=FIXED, seed=rank)
+        averager = Averager(hub.transport(rank), "gossip", build_codec("fp32"), topology, keys[rank], roster, secure=FIXED, seed=rank,
+                            session=SESSION)
         results[rank] = averager.average(vectors[rank], 0)
 
     threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
@@ -215,7 +229,12 @@ def test_a_sender_that_never_arrives_is_recovered_after_the_timeout():
     [t.join() for t in threads]
     weights = topology.weights(0)
     for rank, (mixed, stats) in results.items():
-        heard = [j for j in topology.in_neighbours(rank, 0) if j != dead]
+        senders = topology.in_neighbours(rank, 0)
+        heard = [j for j in senders if j != dead]
         expected = (1 - sum(weights[rank, j] for j in heard)) * vectors[rank] + sum(weights[rank, j] * vectors[j] for j in heard)
-        assert (mixed - expected).abs().max() <= len(heard) * FIXED.resolution + 1e-6
-        assert stats.dropouts == (1 if dead in topology.in_neighbours(rank, 0) else 0) and not stats.abandoned
+        if dead not in senders or recovered:
+            assert (mixed - expected).abs().max() <= len(heard) * FIXED.resolution + 1e-6
+            assert not stats.abandoned
+        else:
+            assert torch.equal(mixed, vectors[rank]) and stats.abandoned
+        assert stats.dropouts == (1 if dead in senders else 0)

@@ -1,6 +1,7 @@
 """Secure gossip on real gloo peers with tiny-model adapters: on a ring of 6 and on a 2x3
 torus it reaches the same consensus as plain gossip within the fixed-point bound, and when
-one peer abstains for a round its neighbours complete the sum over the others."""
+one peer's masked message arrives but is refused (one flipped bit) its neighbours complete
+the sum over the others, with the refused sender still helping to unmask it."""
 
 from pathlib import Path
 
@@ -41,9 +42,9 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
             for t in range(ROUNDS):
                 x, stats = averager.average(x, t)
             result[f"{name}-{'secure' if secure else 'plain'}"] = {"x": x.tolist(), "xi": exact_consensus_distance(x, transport)}
-    # one peer abstains in round 2 (index 1) on the torus; everyone records round 1's input and round 2's output
+    # one peer's messages are refused in round 2 (index 1) on the torus; everyone records round 1's input and round 2's output
     torus = load_topology(ROOT / "topologies/torus.toml", world)
-    faults = FaultInjector(FaultSection(peers=[SILENT], kind="abstain", from_round=2, until_round=2), key, world, 0) if rank == SILENT else None
+    faults = FaultInjector(FaultSection(peers=[SILENT], kind="flip", from_round=2, until_round=2), key, world, 0) if rank == SILENT else None
     averager = Averager(transport, "gossip", get_codec("fp32"), torus, key, roster, faults, secure=FIXED, seed=rank)
     x, _ = averager.average(tiny_adapter(rank), 0)
     before = x.clone()
@@ -76,6 +77,7 @@ def test_secure_gossip_matches_plain_and_recovers_a_dropout(tmp_path):
         expected = (1 - sum(weights[rank, j] for j in heard)) * before[rank] + sum(weights[rank, j] * before[j] for j in heard)
         assert (torch.tensor(r["dropout"]["mixed"]) - expected).abs().max() <= len(heard) * FIXED.resolution + 1e-6
         assert r["dropout"]["dropouts"] == (1 if SILENT in senders else 0) and not r["dropout"]["abandoned"]
+        assert r["dropout"]["rejected"] == ({"digest": 1} if SILENT in senders else {})
         assert r["dropout"]["later_dropouts"] == 0 and not r["dropout"]["later_abandoned"]
 
 

@@ -1,0 +1,306 @@
+"""One secure exchange, phase by phase (SecAgg's double masking with a consistency check,
+Bonawitz et al. 2017; Flower's SecAgg+), in a receiver's neighbourhood.
+
+Every peer is at once a sender (to its out-neighbours) and a receiver (of its
+in-neighbours), so each phase is one lockstep exchange in which it plays both parts:
+
+1. data       sender j -> receiver i: enc(W_ij x_j) + PRG(b_j) + pair masks, a hash
+              committing to b_j, and b_j's Shamir shares sealed for i's other senders.
+2. survivors  i -> helpers: the present senders P (data verified) and the helpers H
+              (P and those whose message arrived but was refused), plus each helper's
+              sealed shares of the present senders' seeds.
+3. consent    helper k -> i: k's signature over (context, P, H), if the list is sound.
+4. consents   i -> helpers: every helper's signature; a helper goes on only if all of H
+              signed the same (context, P, H), so every helper acts on one agreed list.
+5. release    helper k -> i: its shares of b_j for j in P, and, for the missing senders
+              M = S \\ P, its pair correction (k in P only). Never a share of a missing
+              sender's seed, so a refused-but-received message stays behind PRG(b_m).
+6. unmask     i rebuilds each b_j from t shares, checks it against j's commitment,
+              removes PRG(b_j) and the corrections; the pair masks cancel in the sum.
+
+Any failure (too few present, a helper that declines or lies) abandons the sum: the
+receiver keeps its own adapter; nothing partial is ever unmasked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidSignature
+
+from p2pfed.identity import Identity, Roster
+from p2pfed.secure.fixedpoint import FixedPoint, SecureError
+from p2pfed.secure.masks import PairwiseMasks, self_mask
+from p2pfed.secure.messages import (SIGNATURE_SIZE, Data, Survivors, data_length, decode_consents, decode_data, decode_release,
+                                    decode_survivors, encode_data, encode_release, encode_survivors, release_length)
+from p2pfed.secure.session import Context
+from p2pfed.secure.shares import SEALED_SHARE_SIZE, SEED_SIZE, combine, open_share, seal_share, split_seed, threshold
+from p2pfed.topology import Topology
+
+SECURE_CODEC = 0xE0
+"""Envelope kind of masked data: SECURE_CODEC + the codec's structure index (0 dense, 2 random-k)."""
+ABSTAIN, SURVIVORS, RELEASE, CONSENT, CONSENTS = 0xF0, 0xF1, 0xF2, 0xF3, 0xF4
+"""Envelope kinds of the other messages: an explicit abstain instead of data, and phases 2-5."""
+_CONSENT_LABEL = b"p2pfed consent v1"
+
+
+class Channel(Protocol):
+    """What a phase needs from the averager: sealed, verified, counted exchanges."""
+
+    rank: int
+
+    def exchange(self, outgoing: dict[int, bytes], kind: int, listen: list[int], accept: tuple[int, ...], max_payload: int,
+                 patience: int, tamper: bool = False) -> tuple[dict[int, tuple[int, bytes]], set[int]]:
+        """Seal and send; return ({source: (kind, payload)} verified, every source whose bytes arrived)."""
+        ...
+
+    def refuse(self, source: int, error: SecureError) -> None:
+        """Count and log a payload that verified but is not what this phase expects."""
+        ...
+
+
+@dataclass
+class SecureCost:
+    """What masking cost in one exchange, for the metrics."""
+
+    mask_s: float = 0.0
+    clipped: int = 0
+    dropouts: int = 0
+    abandoned: bool = False
+    inconsistent: int = 0
+    """Receivers this peer released nothing to: their lists were not signed alike by all helpers."""
+
+
+@dataclass
+class Neighbourhood:
+    """This peer's long-lived secure state: keys, topology, encoding, rounding randomness."""
+
+    identity: Identity
+    roster: Roster
+    topology: Topology
+    fixed: FixedPoint
+    data_kind: int
+    generator: torch.Generator
+    masks: PairwiseMasks = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.masks = PairwiseMasks(self.identity, self.roster)
+
+    @property
+    def rank(self) -> int:
+        return self.identity.rank
+
+
+@dataclass
+class Exchange:
+    """One exchange at one peer: its contexts and what each phase left for the next."""
+
+    round: int
+    step: int
+    purpose: int
+    session: bytes
+    count: int
+    cost: SecureCost = field(default_factory=SecureCost)
+    data: dict[int, Data] = field(default_factory=dict)
+    survivors: Survivors | None = None
+    """As a receiver: the list its helpers are asked to sign (None once the sum is abandoned)."""
+    helpers: list[int] = field(default_factory=list)
+    """As a receiver: whom phases 2-5 talk to (senders whose data arrived, verified or not)."""
+    pending: dict[int, tuple[Survivors, dict[int, bytes]]] = field(default_factory=dict)
+    """As a helper: receiver -> (its list, my opened shares of its present senders' seeds)."""
+
+    def context(self, receiver: int) -> Context:
+        return Context(self.session, self.purpose, self.round, self.step, receiver)
+
+
+def consent_message(context: Context, survivors: Survivors) -> bytes:
+    """What a helper signs: the context and the one list every helper must agree on."""
+    return _CONSENT_LABEL + context.encode() + survivors.encode()
+
+
+def viable(survivors: Survivors, senders: int) -> bool:
+    """Two or more present, and every present seed rebuildable from the other helpers."""
+    return len(survivors.present) >= 2 and len(survivors.helpers) - 1 >= threshold(senders)
+
+
+def _timed(cost: SecureCost, start: float) -> None:
+    cost.mask_s += time.perf_counter() - start
+
+
+def send_data(nb: Neighbourhood, state: Exchange, values: torch.Tensor) -> dict[int, bytes]:
+    """Phase 1, as a sender: for each receiver, masked words, seed commitment, sealed shares."""
+    me, round, out = nb.rank, state.round, {}
+    weights = nb.topology.weights(round)
+    for i in nb.topology.out_neighbours(me, round):
+        context, senders = state.context(i), nb.topology.in_neighbours(i, round)
+        words, clipped = nb.fixed.encode(values * float(weights[i, me]), nb.generator)
+        state.cost.clipped += clipped
+        start = time.perf_counter()
+        seed = os.urandom(SEED_SIZE)  # fresh per context, never stored
+        words += self_mask(seed, context, state.count) + nb.masks.mask(context, senders, state.count)
+        holders = [k for k in senders if k != me]
+        shares = split_seed(seed, len(holders), threshold(len(senders)))
+        sealed = [seal_share(nb.masks.share_key(k, context), s, context, me, k) for k, s in zip(holders, shares)]
+        out[i] = encode_data(words, commit(seed, context), sealed)
+        _timed(state.cost, start)
+    return out
+
+
+def commit(seed: bytes, context: Context) -> bytes:
+    return hashlib.sha256(b"p2pfed seed commitment" + context.encode() + seed).digest()
+
+
+def max_data_payload(nb: Neighbourhood, state: Exchange) -> int:
+    """The exact size of every data message this peer receives in this exchange."""
+    return data_length(state.count, len(nb.topology.in_neighbours(nb.rank, state.round)) - 1)
+
+
+def choose_survivors(nb: Neighbourhood, state: Exchange, channel: Channel, heard: dict[int, tuple[int, bytes]],
+                     arrived: set[int]) -> dict[int, bytes]:
+    """Phase 2, as a receiver: who is present and who helps; each helper's list and shares."""
+    me, senders = nb.rank, nb.topology.in_neighbours(nb.rank, state.round)
+    for j, (kind, payload) in sorted(heard.items()):
+        if kind != nb.data_kind:
+            channel.refuse(j, SecureError(f"peer {j} abstained", "abstain"))
+            continue
+        try:
+            state.data[j] = decode_data(payload, state.count, [k for k in senders if k != j])
+        except SecureError as err:
+            channel.refuse(j, err)
+    survivors = Survivors(tuple(sorted(state.data)), tuple(j for j in senders if j in arrived))
+    state.helpers = list(survivors.helpers)
+    state.cost.dropouts = len(senders) - len(survivors.present)
+    if not viable(survivors, len(senders)):
+        return {k: b"" for k in survivors.helpers}  # an empty list: no sum this time, nothing to release
+    state.survivors = survivors
+    return {k: encode_survivors(survivors, [state.data[j].sealed[k] for j in survivors.present if j != k])
+            for k in survivors.helpers}
+
+
+def max_survivors_payload(nb: Neighbourhood) -> int:
+    n = nb.topology.n
+    return 8 + 8 * n + SEALED_SHARE_SIZE * n
+
+
+def consent(nb: Neighbourhood, state: Exchange, channel: Channel, lists: dict[int, tuple[int, bytes]],
+            answer_to: list[int]) -> dict[int, bytes]:
+    """Phase 3, as a helper: sign each receiver's list if it is sound and the shares open
+    (an empty answer to every other receiver that wrote, so no one waits in vain)."""
+    me, out = nb.rank, {i: b"" for i in answer_to}
+    for i, (_, payload) in sorted(lists.items()):
+        if not payload:
+            continue  # the receiver gave up on this sum
+        context, senders = state.context(i), nb.topology.in_neighbours(i, state.round)
+        try:
+            survivors, forwarded = decode_survivors(payload, senders, me)
+            if me not in survivors.helpers or not viable(survivors, len(senders)):
+                raise SecureError(f"list {survivors} does not make peer {me} a helper of a sum that can be completed", "malformed")
+            opened = {j: open_share(nb.masks.share_key(j, context), sealed, context, j, me) for j, sealed in forwarded.items()}
+        except SecureError as err:
+            channel.refuse(i, err)
+            continue
+        state.pending[i] = (survivors, opened)
+        out[i] = nb.identity.signing.sign(consent_message(context, survivors))
+    return out
+
+
+def collect_consents(nb: Neighbourhood, state: Exchange, channel: Channel, consents: dict[int, tuple[int, bytes]]) -> dict[int, bytes]:
+    """Phase 4, as a receiver: forward every helper's signature, or give up if one is missing or false."""
+    survivors = state.survivors
+    if survivors is None:
+        return {k: b"" for k in state.helpers}
+    context, signatures = state.context(nb.rank), []
+    for k in survivors.helpers:
+        signature = consents.get(k, (0, b""))[1]
+        if not verify_consent(nb.roster, k, signature, context, survivors):
+            if signature:
+                channel.refuse(k, SecureError(f"peer {k}'s consent does not verify over this round's list", "consent"))
+            state.survivors = None
+            return {j: b"" for j in survivors.helpers}
+        signatures.append(signature)
+    return {k: b"".join(signatures) for k in survivors.helpers}
+
+
+def verify_consent(roster: Roster, signer: int, signature: bytes, context: Context, survivors: Survivors) -> bool:
+    keys = roster.get(signer)
+    if keys is None or len(signature) != SIGNATURE_SIZE:
+        return False
+    try:
+        keys.signing.verify(signature, consent_message(context, survivors))
+        return True
+    except InvalidSignature:
+        return False
+
+
+def release(nb: Neighbourhood, state: Exchange, channel: Channel, bundles: dict[int, tuple[int, bytes]],
+            answer_to: list[int]) -> dict[int, bytes]:
+    """Phase 5, as a helper: shares for present senders, corrections for missing ones, only
+    where every helper signed the same list; never both for one sender."""
+    me, out = nb.rank, {i: b"" for i in answer_to}
+    for i, (survivors, opened) in sorted(state.pending.items()):
+        payload = bundles.get(i, (0, b""))[1]
+        if not payload:
+            continue
+        context = state.context(i)
+        try:
+            signatures = decode_consents(payload, survivors.helpers)
+        except SecureError as err:
+            channel.refuse(i, err)
+            continue
+        if not all(verify_consent(nb.roster, k, signatures[k], context, survivors) for k in survivors.helpers):
+            state.cost.inconsistent += 1
+            channel.refuse(i, SecureError(f"peer {i}'s helpers did not all sign the list {survivors}: releasing nothing", "inconsistent"))
+            continue
+        missing = survivors.missing(nb.topology.in_neighbours(i, state.round))
+        start = time.perf_counter()
+        correction = nb.masks.mask(context, missing, state.count) if me in survivors.present and missing else None
+        _timed(state.cost, start)
+        out[i] = encode_release([opened[j] for j in survivors.present if j != me], correction)
+    return out
+
+
+def max_release_payload(nb: Neighbourhood, count: int) -> int:
+    return release_length(nb.topology.n, count, True)
+
+
+def unmask(nb: Neighbourhood, state: Exchange, channel: Channel, releases: dict[int, tuple[int, bytes]]) -> torch.Tensor | None:
+    """Phase 6, as a receiver: the weighted sum of the present senders, or None (abandoned)."""
+    survivors = state.survivors
+    if survivors is None:
+        return None
+    context, senders = state.context(nb.rank), nb.topology.in_neighbours(nb.rank, state.round)
+    missing, needed = survivors.missing(senders), threshold(len(senders))
+    held: dict[int, dict[int, bytes]] = {j: {} for j in survivors.present}
+    total = np.zeros(state.count, dtype=np.uint32)
+    culprit = survivors.helpers[0]
+    try:
+        for culprit in survivors.helpers:
+            k = culprit
+            owners = [j for j in survivors.present if j != k]
+            payload = releases.get(k, (0, b""))[1]
+            if not payload:
+                raise SecureError(f"helper {k} released nothing", "declined")
+            shares, correction = decode_release(payload, owners, state.count, k in survivors.present and bool(missing))
+            for j, share in shares.items():
+                holders = [h for h in senders if h != j]
+                held[j][holders.index(k) + 1] = share
+            if correction is not None:
+                total -= correction
+        start = time.perf_counter()
+        for culprit in survivors.present:
+            j = culprit
+            seed = combine(dict(sorted(held[j].items())[:needed]))
+            if commit(seed, context) != state.data[j].commitment:
+                raise SecureError(f"the shares of peer {j}'s seed do not rebuild what it committed to", "share")
+            total += state.data[j].words - self_mask(seed, context, state.count)
+        _timed(state.cost, start)
+    except SecureError as err:
+        channel.refuse(culprit, err)
+        return None
+    return nb.fixed.decode(total)

@@ -1,0 +1,56 @@
+"""Shamir shares of a sender's self-mask seed, sealed for the holder they travel to.
+
+Splitting and combining are pycryptodome's (GF(2^128), 16-byte secrets); sealing is
+ChaCha20-Poly1305 from `cryptography` under the pair's share key for the context, with
+the direction (sender, holder) as nonce and the context as associated data, so a share
+cannot be moved to another holder, sender, round or session.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from Crypto.Protocol.SecretSharing import Shamir
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from p2pfed.secure.fixedpoint import SecureError
+from p2pfed.secure.session import Context
+
+SEED_SIZE = 16
+SHARE_SIZE = 16
+SEALED_SHARE_SIZE = SHARE_SIZE + 16
+
+
+def threshold(senders: int) -> int:
+    """Shares needed to rebuild a seed: more than half of the d - 1 other senders (d = 2 gives 1)."""
+    return (senders - 1) // 2 + 1
+
+
+def split_seed(seed: bytes, holders: int, needed: int) -> list[bytes]:
+    """`holders` shares of `seed`, any `needed` of which rebuild it; share i is for x = i + 1."""
+    return [share for _, share in sorted(Shamir.split(needed, holders, seed))]
+
+
+def combine(shares: dict[int, bytes]) -> bytes:
+    """The seed from shares keyed by their x coordinate (1-based); give exactly the threshold."""
+    return Shamir.combine(sorted(shares.items()))
+
+
+def _nonce(sender: int, holder: int) -> bytes:
+    return struct.pack("<III", sender, holder, 0)
+
+
+def seal_share(key: bytes, share: bytes, context: Context, sender: int, holder: int) -> bytes:
+    """Encrypt and authenticate one share from `sender` for `holder`."""
+    return ChaCha20Poly1305(key).encrypt(_nonce(sender, holder), share, context.encode())
+
+
+def open_share(key: bytes, sealed: bytes, context: Context, sender: int, holder: int) -> bytes:
+    """The share inside `sealed`, or SecureError('share') when it was altered or misdirected."""
+    if len(sealed) != SEALED_SHARE_SIZE:
+        raise SecureError(f"sealed share of {len(sealed)} bytes, expected {SEALED_SHARE_SIZE}", "share")
+    try:
+        return ChaCha20Poly1305(key).decrypt(_nonce(sender, holder), sealed, context.encode())
+    except InvalidTag:
+        raise SecureError(f"peer {sender}'s share for peer {holder} does not authenticate", "share") from None
