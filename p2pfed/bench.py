@@ -78,7 +78,7 @@ COMPRESSION_ROWS = (
 )
 SECURE_ROWS = (
     Row("plain gossip, fp32"),
-    Row("secure (pairwise-masked), fp32", ("gossip.secure=true",)),
+    Row("secure (double-masked, consent-checked), fp32", ("gossip.secure=true",)),
 )
 
 
@@ -116,7 +116,7 @@ SUITES = {
     "compression": Suite("launch/configs/demo.toml", "compression settings on the demo task (SmolLM2-135M, 4 peers, ring)",
                          COMPRESSION_ROWS, ("run.eval_every=12",)),
     "secure": Suite("launch/configs/demo.toml", "secure averaging against plain gossip on the demo task (SmolLM2-135M, 4 peers, ring)",
-                    SECURE_ROWS, ("run.eval_every=12",), judge="secure"),
+                    SECURE_ROWS, ("run.eval_every=12", "bench.probes=5"), judge="secure"),
 }
 
 
@@ -236,6 +236,8 @@ def row_figures(summary: dict[str, Any]) -> dict[str, Any]:
         "bytes_per_peer_per_round": summary["bytes_per_peer_per_round"],
         "bytes_total": summary["bytes_total"],
         "bytes_estimated": any(p.get("bytes_estimated") for p in peers),
+        "probe_gossip_s": mean_of(peers, "probe_gossip_s"),
+        "probe_plain_s": mean_of(peers, "probe_plain_s"),
         "compression": mean_of(peers, "compression"),
         "compute_s": mean_of(peers, "compute_s_per_round"),
         "codec_s": mean_of(peers, "codec_s_per_round"),

@@ -63,15 +63,27 @@ def goal_line(results: list[dict[str, Any]], bytes_factor: float = 10.0, max_gap
     return f"Goal (>= {bytes_factor:.0f}x fewer bytes than row 1 with a perplexity gap under {max_gap_pct:.0f}%): {verdict}."
 
 
-def secure_line(results: list[dict[str, Any]]) -> str:
-    """For rows that mask: the perplexity gap, the extra bytes and the share of a round spent on masks, against row 1."""
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def secure_line(results: list[dict[str, Any]], max_gap_pct: float = 0.1, max_bytes_pct: float = 2.0, max_time_ratio: float = 1.25) -> str:
+    """For rows that mask, against row 1 and the goals: perplexity gap, extra bytes, and the
+    whole secure exchange timed against a plain one of the same adapter in the same run."""
     reference, parts = results[0], []
     for r in results[1:]:
         if not r.get("mask_s"):
             continue
+        gap = _gap(r["global_ppl"], reference["global_ppl"])
         extra = (r["bytes_per_peer_per_round"] / reference["bytes_per_peer_per_round"] - 1) * 100
-        parts.append(f"{r['name']}: perplexity gap {_gap(r['global_ppl'], reference['global_ppl']):+.2f}%, "
-                     f"{extra:+.3f}% bytes, masks {r['mask_s'] / r['round_s'] * 100:.3f}% of a round")
+        part = (f"{r['name']}: perplexity gap {gap:+.3f}% (goal <= {max_gap_pct}%: {verdict(abs(gap) <= max_gap_pct)}), "
+                f"{extra:+.3f}% bytes (goal <= {max_bytes_pct:g}%: {verdict(extra <= max_bytes_pct)}), "
+                f"masks {r['mask_s'] / r['round_s'] * 100:.3f}% of a round")
+        if r.get("probe_plain_s"):
+            ratio = r["probe_gossip_s"] / r["probe_plain_s"]
+            part += (f"; whole exchange {r['probe_gossip_s'] * 1e3:.1f} ms secure vs {r['probe_plain_s'] * 1e3:.1f} ms plain in the same "
+                     f"run, {ratio:.2f}x (goal <= {max_time_ratio}x: {verdict(ratio <= max_time_ratio)})")
+        parts.append(part)
     return "Secure averaging against row 1: " + ("; ".join(parts) if parts else "no masked row") + "."
 
 
@@ -109,9 +121,6 @@ def overhead_share(r: dict[str, Any]) -> float:
 
 def convergence_goals(results: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> list[str]:
     """The four goals the full table is judged by, each with its measured figure and verdict."""
-    def verdict(ok: bool) -> str:
-        return "**met**" if ok else "**missed**"
-
     lines = []
     allreduce = next((r for r in results if r["name"].startswith("allreduce")), None)
     exponential, ring = _find(results, "gossip exponential"), _find(results, "gossip ring")

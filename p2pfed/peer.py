@@ -206,6 +206,7 @@ class Peer:
             "mask_s_per_round": total("mask_s") / n,
             "dropouts": total("dropouts"),
             "abandoned": total("abandoned"),
+            "inconsistent": total("inconsistent"),
             "clipped": total("clipped"),
         }
 
@@ -215,7 +216,8 @@ class Peer:
             return {}
         self.say(f"[p2pfed] timing {self.config.bench.probes} gossip exchanges against bare send/recv of the same bytes")
         result = probe_exchange(self.averager, self.transport, adapter_to_vector(self.model), self.config.run.rounds, self.config.bench.probes)
-        return {"probe_gossip_s": result.gossip_s, "probe_bare_s": result.bare_s, "probe_bytes": result.message_bytes}
+        return {"probe_gossip_s": result.gossip_s, "probe_bare_s": result.bare_s, "probe_bytes": result.message_bytes,
+                "probe_plain_s": result.plain_s}
 
     def state(self, round: int) -> dict[str, Any]:
         """What this peer needs to continue after `round` exactly as if it had never stopped."""
@@ -295,6 +297,7 @@ def _bytes_line(config: Config, info: dict[str, Any]) -> str:
         rows = info["peers_table"]
         line += (f" Secure (pairwise-masked) averaging: masks took {mean_of(rows, 'mask_s_per_round') or 0:.4f} s per peer per round; "
                  f"{sum(r['dropouts'] for r in rows)} dropped senders recovered, {sum(r['abandoned'] for r in rows)} sums abandoned, "
+                 f"{sum(r.get('inconsistent', 0) for r in rows)} releases refused over inconsistent survivor lists, "
                  f"{sum(r['clipped'] for r in rows)} values clipped to +-{config.secure.bound}.")
     return line
 

@@ -4,7 +4,10 @@ After the last round each peer times a few extra gossip exchanges of its final a
 (encode, seal, send, receive, verify, decode, mix) and, right after, a bare
 torch.distributed send/recv of the same number of bytes to the same neighbours. Both start
 from a barrier, so neither includes waiting for a slower peer's training. The probes'
-results are discarded: the adapter a run saves is the one its last round produced.
+results are discarded: the adapter a run saves is the one its last round produced. In
+secure mode each probe also times a plain exchange of the same adapter (a twin averager
+without masking), so the whole secure exchange is compared with the plain one in one run.
+Probes exchange under their own purpose, so they never reuse a training round's masks.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from p2pfed.gossip import Averager
+from p2pfed.secure import Purpose
 from p2pfed.transport import TorchTransport
 
 
@@ -28,6 +32,8 @@ class ExchangeProbe:
     message_bytes: int
     """Bytes per message in the bare exchange: the largest any peer sent in its gossip exchange."""
     probes: int
+    plain_s: float | None = None
+    """Secure mode: median seconds of a plain (unmasked) exchange of the same adapter."""
 
     @property
     def ratio(self) -> float:
@@ -37,12 +43,18 @@ class ExchangeProbe:
 def probe_exchange(averager: Averager, transport: TorchTransport, vector: torch.Tensor, first_round: int, probes: int) -> ExchangeProbe:
     """Time `probes` gossip exchanges (rounds first_round, first_round+1, ...) against bare ones."""
     assert averager.topology is not None, "probes time neighbour gossip"
-    rank, gossip_times, bare_times, size = transport.rank, [], [], 0
+    rank, gossip_times, bare_times, plain_times, size = transport.rank, [], [], [], 0
+    twin = plain_twin(averager)
     for k in range(probes):
         round = first_round + k
+        if twin is not None:
+            transport.barrier()
+            start = time.perf_counter()
+            twin.average(vector, round, purpose=Purpose.PROBE)
+            plain_times.append(time.perf_counter() - start)
         transport.barrier()
         start = time.perf_counter()
-        _, stats = averager.average(vector, round)
+        _, stats = averager.average(vector, round, purpose=Purpose.PROBE)
         gossip_times.append(time.perf_counter() - start)
         receivers = averager.topology.out_neighbours(rank, round)
         senders = averager.topology.in_neighbours(rank, round)
@@ -51,4 +63,12 @@ def probe_exchange(averager: Averager, transport: TorchTransport, vector: torch.
         size = max(int(b.decode()) for b in transport.all_gather_bytes(str(mine).encode()))
         transport.barrier()
         bare_times.append(transport.bare_exchange(size, receivers, senders))
-    return ExchangeProbe(statistics.median(gossip_times), statistics.median(bare_times), size, probes)
+    plain = statistics.median(plain_times) if plain_times else None
+    return ExchangeProbe(statistics.median(gossip_times), statistics.median(bare_times), size, probes, plain)
+
+
+def plain_twin(averager: Averager) -> Averager | None:
+    """A secure averager's unmasked twin (same codec, topology and keys); None when not secure."""
+    if averager.secure is None or averager.verifier is None:
+        return None
+    return Averager(averager.transport, "gossip", averager.codec, averager.topology, averager.identity, averager.verifier.roster)
