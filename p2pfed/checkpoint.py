@@ -1,15 +1,18 @@
 """Per-peer checkpoints that survive a crash at any instant, and agreeing where to resume.
 
-A checkpoint is one file: a magic line, the SHA-256 of the body, then the body (a
-`torch.save` of the peer's state). It is written to a temporary file, fsynced, and renamed
-into place, so a reader sees a whole checkpoint or none; the digest catches a file that
-was truncated or damaged later. The last `keep` checkpoints are kept, so a bad newest one
-still leaves the one before.
+A checkpoint is one file: a magic line, an HMAC-SHA256 of the body under a key only this
+peer holds, then the body (a `torch.save` of the peer's state: tensors and plain types).
+It is written to a temporary file, fsynced, and renamed into place, so a reader sees a
+whole checkpoint or none. On load the MAC is checked before anything is parsed, and the
+body is read with `weights_only=True`, so a damaged, truncated or planted file (a shared
+or copied run directory) is refused, never run. The last `keep` checkpoints are kept, so a
+bad newest one still leaves the one before.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -23,7 +26,8 @@ import torch
 from p2pfed.transport import Transport
 
 log = logging.getLogger("p2pfed.checkpoint")
-MAGIC = b"P2PFED-CHECKPOINT-1\n"
+MAGIC = b"P2PFED-CHECKPOINT-2\n"
+KEY_FILE = "mac.key"
 NAME = re.compile(r"round-(\d{6})\.pt$")
 
 
@@ -31,11 +35,37 @@ class CheckpointError(ValueError):
     """A checkpoint file is incomplete or damaged; the message names it."""
 
 
-class Checkpoints:
-    """One peer's checkpoint directory."""
+def identity_key(signing_private_bytes: bytes) -> bytes:
+    """The checkpoint MAC key of a peer with a roster identity: derived from its signing key."""
+    return hmac.new(signing_private_bytes, b"p2pfed checkpoint mac v1", hashlib.sha256).digest()
 
-    def __init__(self, directory: str | Path, keep: int = 2) -> None:
+
+def local_key(directory: str | Path) -> bytes:
+    """A peer without an identity (allreduce, local modes): a random key kept beside its
+    checkpoints, created once, mode 0600, never through a symlink."""
+    path = Path(directory) / KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as handle:
+            key = handle.read(64)
+        if len(key) != 32:
+            raise CheckpointError(f"{path}: checkpoint key of {len(key)} bytes, expected 32") from None
+        return key
+    key = os.urandom(32)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key)
+    return key
+
+
+class Checkpoints:
+    """One peer's checkpoint directory, authenticated under `key`."""
+
+    def __init__(self, directory: str | Path, key: bytes, keep: int = 2) -> None:
         self.directory = Path(directory)
+        self.key = key
         self.keep = keep
 
     def path(self, round: int) -> Path:
@@ -50,7 +80,7 @@ class Checkpoints:
         final = self.path(round)
         temporary = final.with_suffix(".tmp")
         with open(temporary, "wb") as handle:
-            handle.write(MAGIC + hashlib.sha256(body).digest() + body)
+            handle.write(MAGIC + self._mac(body) + body)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, final)
@@ -70,11 +100,18 @@ class Checkpoints:
         return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := NAME.match(p.name)))
 
     def load(self, round: int) -> dict[str, Any]:
-        """The state saved for `round`; CheckpointError if the file is incomplete or damaged."""
-        return torch.load(io.BytesIO(self._verified_body(round)), weights_only=False)
+        """The state saved for `round`; CheckpointError if the file is incomplete, damaged or not ours."""
+        body = self._verified_body(round)
+        try:
+            return torch.load(io.BytesIO(body), weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a body that authenticates but does not parse is still refused
+            raise CheckpointError(f"{self.path(round)}: checkpoint does not load as tensors and plain types ({err})") from None
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self.key, body, hashlib.sha256).digest()
 
     def _verified_body(self, round: int) -> bytes:
-        """The file's body once its digest matches; checking needs no unpickling."""
+        """The file's body once its MAC matches; checking needs no unpickling."""
         path = self.path(round)
         try:
             data = path.read_bytes()
@@ -84,8 +121,8 @@ class Checkpoints:
         if len(data) < head or not data.startswith(MAGIC):
             raise CheckpointError(f"{path}: not a complete p2pfed checkpoint (truncated header)")
         body = data[head:]
-        if hashlib.sha256(body).digest() != data[len(MAGIC) : head]:
-            raise CheckpointError(f"{path}: checkpoint is truncated or corrupted (SHA-256 mismatch)")
+        if not hmac.compare_digest(self._mac(body), data[len(MAGIC) : head]):
+            raise CheckpointError(f"{path}: checkpoint is truncated, corrupted or not written by this peer (MAC mismatch)")
         return body
 
     def valid_rounds(self) -> list[int]:

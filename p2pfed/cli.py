@@ -86,7 +86,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     existing = sorted(out.glob("peer*.pem")) + ([out / "roster.json"] if (out / "roster.json").exists() else [])
     if existing and not args.overwrite:
         raise IdentityError(f"{out}: already holds keys ({existing[0].name}); pass --overwrite to replace them")
-    roster = keygen(args.peers, out)
+    roster = keygen(args.peers, out, overwrite=args.overwrite)
     print(f"wrote {args.peers} private keys ({out}/peer{{rank}}.pem, mode 600) and the roster {roster}")
     print(f'use them with: identity.roster="{roster}" identity.key="{out}/peer{{rank}}.pem"')
     return 0

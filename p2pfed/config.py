@@ -224,11 +224,19 @@ class SecureSection:
     """Fractional bits: rounding error 2^-frac_bits per value; start-up refuses settings
     whose largest neighbourhood sum could wrap around."""
 
+    min_present: int = 2
+    """The fewest present senders a receiver's sum completes with. A receiver can declare an
+    honest sender's message refused, so a receiver colluding with c senders isolates one
+    victim when the sum may shrink to c + 1 senders; raising this trades dropout tolerance
+    for collusion resistance (at most a peer's number of senders)."""
+
     def check(self) -> None:
         if self.bound <= 0:
             raise ConfigError(f"[secure] bound: expected a positive number, got {self.bound}")
         if not 1 <= self.frac_bits <= 30:
             raise ConfigError(f"[secure] frac_bits: expected an integer in 1..30, got {self.frac_bits}")
+        if self.min_present < 2:
+            raise ConfigError(f"[secure] min_present: expected an integer of at least 2 (one sender's sum is its adapter), got {self.min_present}")
 
 
 @dataclass(kw_only=True)
@@ -267,7 +275,10 @@ class IdentitySection:
             raise ConfigError("[identity] key: expected a path template with {rank}, e.g. 'keys/peer{rank}.pem'")
 
 
-FAULT_KINDS = ("flip", "foreign_key", "replay", "misaddress", "abstain", "crash")
+FAULT_KINDS = ("flip", "foreign_key", "replay", "misaddress", "abstain", "crash", "nan", "scale", "signflip", "noise", "alie",
+               "shortpayload", "hugelength")
+VALUE_FAULTS = ("nan", "scale", "signflip", "noise", "alie")
+"""Fault kinds that change the adapter a faulty peer sends, under a valid signature."""
 
 
 @dataclass(kw_only=True)
@@ -281,7 +292,14 @@ class FaultSection:
     'replay' (last round's message again), 'misaddress' (a message meant for a non-neighbour),
     'abstain' (a signed abstain instead of the data: secure mode's dropout path),
     'crash' (the process kills itself with SIGKILL at the start of `from_round`, on the
-    first attempt only: exercises elastic restart and resume)."""
+    first attempt only: exercises elastic restart and resume). Byzantine kinds, validly
+    signed: 'nan' (a NaN in the adapter), 'scale' (adapter x strength, default 100),
+    'signflip' (-adapter), 'noise' (+ Gaussian noise of std strength, default 1),
+    'alie' ("a little is enough": the mean of what it heard last round minus strength,
+    default 1.5, standard deviations), 'shortpayload' (a truncated payload), 'hugelength'
+    (a length prefix of 2^62 bytes and no payload)."""
+    strength: float = 0.0
+    """The Byzantine kind's parameter; 0 = its default."""
     from_round: int = 1
     until_round: int = 0
     """Last round that misbehaves; 0 = to the end."""

@@ -1,7 +1,8 @@
 """Consensus distance: how far peers are from their network average, and steering it.
 
-Xi^2 = (1/n) sum_i ||x_i - xbar||^2. The exact figure uses two monitoring all-reduces;
-the mean it computes is never written back into any peer's adapter. Consensus control
+Xi^2 = (1/n) sum_i ||x_i - xbar||^2. The exact figure uses two monitoring all-reduces
+(of masked values in secure mode, see p2pfed.secure.monitor); the mean it computes is
+never written back into any peer's adapter. Consensus control
 (Kong et al., ICML 2021) uses the same figure, which every peer receives identically, so
 all peers take the same number of extra gossip steps without a coordinator.
 """
@@ -14,21 +15,28 @@ import torch
 
 from p2pfed.config import ConsensusSection
 from p2pfed.gossip import Averager, RoundStats
+from p2pfed.secure import Purpose
+from p2pfed.secure.monitor import MaskedSum
 from p2pfed.transport import Transport
 
 
-def exact_consensus_distance(vector: torch.Tensor, transport: Transport) -> float:
+def _sum(values: torch.Tensor, transport: Transport, masked: MaskedSum | None) -> torch.Tensor:
+    """All peers' sum: plain, or (secure mode) of masked values so no one's own crosses the wire."""
+    return transport.all_reduce_sum(values) if masked is None else masked.sum(values, transport)
+
+
+def exact_consensus_distance(vector: torch.Tensor, transport: Transport, masked: MaskedSum | None = None) -> float:
     """Xi^2 over all peers, the same value on every peer."""
     n = transport.world_size
-    mean = transport.all_reduce_sum(vector.to(torch.float64)) / n
+    mean = _sum(vector.to(torch.float64), transport, masked) / n
     own = (vector.to(torch.float64) - mean).pow(2).sum().reshape(1)
-    return float(transport.all_reduce_sum(own)) / n
+    return float(_sum(own, transport, masked)) / n
 
 
-def mean_squared_norm(vector: torch.Tensor, transport: Transport) -> float:
+def mean_squared_norm(vector: torch.Tensor, transport: Transport, masked: MaskedSum | None = None) -> float:
     """(1/n) sum_i ||x_i||^2: the scale a relative consensus target is read against."""
     own = vector.to(torch.float64).pow(2).sum().reshape(1)
-    return float(transport.all_reduce_sum(own)) / transport.world_size
+    return float(_sum(own, transport, masked)) / transport.world_size
 
 
 def consensus_distance_of(vectors: list[torch.Tensor]) -> float:
@@ -57,14 +65,14 @@ def gossip_round(averager: Averager, vector: torch.Tensor, round: int, transport
                  section: ConsensusSection, measure: bool) -> GossipRound:
     """One gossip step, then (with a target) more while Xi^2 is above it, up to the cap."""
     vector, first = averager.average(vector, round, 0)
-    steps = [first]
+    steps, masked = [first], averager.monitor()
     control = section.target > 0 and averager.mode == "gossip"
-    distance = exact_consensus_distance(vector, transport) if measure or control else None
+    distance = exact_consensus_distance(vector, transport, masked) if measure or control else None
     target = None
     if control:
-        target = section.target * (mean_squared_norm(vector, transport) if section.relative else 1.0)
+        target = section.target * (mean_squared_norm(vector, transport, masked) if section.relative else 1.0)
         while distance is not None and distance > target and len(steps) < section.max_steps:
-            vector, stats = averager.average(vector, round, len(steps))
+            vector, stats = averager.average(vector, round, len(steps), Purpose.CONSENSUS)
             steps.append(stats)
-            distance = exact_consensus_distance(vector, transport)
+            distance = exact_consensus_distance(vector, transport, masked)
     return GossipRound(vector, RoundStats.combine(steps), len(steps), distance, target)

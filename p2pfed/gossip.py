@@ -27,6 +27,7 @@ from p2pfed.identity import Identity, Roster
 from p2pfed.topology import Topology
 from p2pfed.secure import FixedPoint, Purpose, SecureError, check_secure_topology, establish_session
 from p2pfed.secure import protocol as secure_phases
+from p2pfed.secure.monitor import MaskedSum
 from p2pfed.transport import Transport, TransportTimeout
 from p2pfed.wire import OVERHEAD, Verifier, WireError, seal
 
@@ -93,7 +94,7 @@ class Averager:
                  identity: Identity | None = None, roster: Roster | None = None, faults: FaultInjector | None = None,
                  *, algorithm: str = "plain", gamma: float = 0.5, error_feedback: bool = False,
                  initial: torch.Tensor | None = None, secure: FixedPoint | None = None, seed: int = 0,
-                 session: bytes | None = None) -> None:
+                 session: bytes | None = None, min_present: int = 2) -> None:
         if mode == "gossip" and (topology is None or identity is None or roster is None):
             raise ValueError("gossip mode needs a topology, this peer's identity and the roster")
         self.transport = transport
@@ -123,9 +124,11 @@ class Averager:
         self.secure: secure_phases.Neighbourhood | None = None
         if secure is not None:
             assert topology is not None and identity is not None and roster is not None
-            check_secure_topology(topology, secure)
+            check_secure_topology(topology, secure, min_present)
             self.secure = secure_phases.Neighbourhood(identity, roster, topology, secure, secure_phases.SECURE_CODEC +
-                                                      Codec.STRUCTURES.index(codec.structure), torch.Generator().manual_seed(seed))
+                                                      Codec.STRUCTURES.index(codec.structure), torch.Generator().manual_seed(seed),
+                                                      min_present)
+        self._monitor: MaskedSum | None = None
         self.contexts: set[tuple[int, int, int]] = set()
         """(purpose, round, step) exchanged in this session: none may repeat (masks would)."""
         self.session = b""
@@ -151,6 +154,14 @@ class Averager:
         except TransportTimeout as err:
             raise TransportTimeout(f"round {round + 1}{f' step {step}' if step else ''}: {err}") from None
 
+    def monitor(self) -> MaskedSum | None:
+        """Secure mode: the masked sum consensus monitoring must use (None: plain sums are fine)."""
+        if self.secure is None:
+            return None
+        if self._monitor is None:
+            self._monitor = MaskedSum(self.secure.masks, self.transport.world_size, self.session)
+        return self._monitor
+
     def state(self) -> dict:
         """Codec randomness, error-feedback and CHOCO copies: what a restart must not lose."""
         values = self.codec.values
@@ -173,14 +184,18 @@ class Averager:
         if state["secure"] is not None and self.secure is not None:
             self.secure.generator.set_state(state["secure"])
 
-    def _exchange(self, outgoing: dict[int, bytes], incoming_from: list[int], stats: RoundStats, partial: bool = False,
-                  patience: int = 1) -> dict[int, bytes]:
-        """One lockstep exchange, timed and counted."""
+    def _exchange(self, outgoing: dict[int, bytes], incoming_from: list[int], stats: RoundStats, max_length: int,
+                  partial: bool = False, patience: int = 1) -> dict[int, bytes]:
+        """One lockstep exchange, timed and counted; a message announced longer than
+        `max_length` (the largest envelope it can carry) is refused before it is received."""
         self.exchanges += 1
         stats.bytes_sent += sum(len(m) for m in outgoing.values())
         start = time.perf_counter()
-        incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial, patience)
+        incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial, patience, max_length)
         stats.comm_s += time.perf_counter() - start
+        for j, why in sorted(getattr(self.transport, "refused", {}).items()):
+            stats.rejected["length"] = stats.rejected.get("length", 0) + 1
+            log.warning("peer %d: message from peer %d refused before receiving it: %s", self.rank, j, why)
         stats.bytes_received += sum(len(m) for m in incoming.values())
         return incoming
 
@@ -218,11 +233,12 @@ class Averager:
         stats = RoundStats(neighbours=senders)
         chosen = self.codec.shared_indices(vector.numel(), round, step) if self.codec.structure == "randk" else None
         values = vector if chosen is None else vector[chosen]
+        sent = values if self.faults is None else self.faults.poison(values, round + 1)
         state = phases.Exchange(round, step, int(purpose), self.session, values.numel())
         channel = _SecureChannel(self, round, step, purpose, stats)
 
         start = time.perf_counter()
-        data = phases.send_data(nb, state, values)
+        data = phases.send_data(nb, state, sent)
         stats.codec_s += time.perf_counter() - start - state.cost.mask_s
         stats.bytes_fp32 = len(data) * (OVERHEAD + 4 * vector.numel())
         heard, arrived = channel.exchange(data, nb.data_kind, senders, (nb.data_kind, phases.ABSTAIN),
@@ -279,13 +295,15 @@ class Averager:
         stats = RoundStats(neighbours=senders)
 
         start = time.perf_counter()
-        payload = self._encode(vector, round, step)
+        payload = self._encode(vector if self.faults is None else self.faults.poison(vector, round + 1), round, step)
         stats.codec_s += time.perf_counter() - start
+        if self.faults is not None:
+            payload = self.faults.mangle(payload, round + 1)
         outgoing = self._seal_all({j: payload for j in receivers}, round, step, self.codec.id, stats, purpose)
         if self.faults is not None:
             outgoing = self.faults.corrupt(outgoing, round + 1)
         stats.bytes_fp32 = len(outgoing) * (OVERHEAD + 4 * vector.numel())
-        incoming = self._exchange(outgoing, senders, stats)
+        incoming = self._exchange(outgoing, senders, stats, OVERHEAD + self.codec.max_payload(vector.numel()))
 
         heard: dict[int, torch.Tensor] = {}
         for j in sorted(incoming):  # fixed order: the same inputs give the same bits
@@ -295,6 +313,8 @@ class Averager:
             elif message is None and self.stateful and j not in self.lost:
                 self.lost.add(j)
                 log.warning("peer %d: no longer mixing peer %d: its public copy fell out of step with a refused message", self.rank, j)
+        if self.faults is not None:
+            self.faults.observe(list(heard.values()))
         mixed = self._mix(vector, heard, weights)
         stats.local_consensus = 0.5 * sum(float(weights[j]) * float((vector - value).pow(2).sum()) for j, value in heard.items())
         return mixed, stats
@@ -345,7 +365,12 @@ class Averager:
             return None
         start = time.perf_counter()
         try:
-            return self.codec.decode(opened[1], length, round, step)
+            decoded = self.codec.decode(opened[1], length, round, step)
+            if not bool(torch.isfinite(decoded.values).all()):
+                stats.rejected["nonfinite"] = stats.rejected.get("nonfinite", 0) + 1
+                log.warning("peer %d, round %d: message from peer %d rejected: nonfinite: NaN or infinite values", self.rank, round + 1, source)
+                return None
+            return decoded
         except CodecError as err:
             stats.rejected["codec"] = stats.rejected.get("codec", 0) + 1
             log.warning("peer %d, round %d: message from peer %d rejected: %s", self.rank, round + 1, source, err)
@@ -362,17 +387,20 @@ class _SecureChannel:
 
     def exchange(self, outgoing: dict[int, bytes], kind: int, listen: list[int], accept: tuple[int, ...], max_payload: int,
                  patience: int, tamper: bool = False) -> tuple[dict[int, tuple[int, bytes]], set[int]]:
-        averager, stats = self.averager, self.stats
+        averager, stats, faults = self.averager, self.stats, self.averager.faults
+        if tamper and faults is not None:
+            outgoing = {j: faults.mangle(p, self.round + 1) for j, p in outgoing.items()}
         sealed = averager._seal_all(outgoing, self.round, self.step, kind, stats, self.purpose)
-        if tamper and averager.faults is not None:
-            sealed = averager.faults.corrupt(sealed, self.round + 1)
-        incoming = averager._exchange(sealed, listen, stats, partial=True, patience=patience)
+        if tamper and faults is not None:
+            sealed = faults.corrupt(sealed, self.round + 1)
+        incoming = averager._exchange(sealed, listen, stats, OVERHEAD + max_payload, partial=True, patience=patience)
         heard = {}
         for j, message in sorted(incoming.items()):
             opened = averager._open(message, j, self.round, self.step, listen, max_payload, accept, stats, self.purpose)
             if opened is not None:
                 heard[j] = opened
-        return heard, set(incoming)
+        # alive: sent something, even if it was refused (a refused length included)
+        return heard, set(incoming) | set(getattr(averager.transport, "refused", {}))
 
     def refuse(self, source: int, error: SecureError) -> None:
         self.stats.rejected[error.reason] = self.stats.rejected.get(error.reason, 0) + 1

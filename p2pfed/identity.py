@@ -20,6 +20,16 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 ROSTER_VERSION = 1
 _PEM_END = b"-----END PRIVATE KEY-----"
+_FIELD_PRIME = 2**255 - 19
+_ED25519_SMALL_ORDER = {bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+    "0100000000000000000000000000000000000000000000000000000000000000",  # the identity, order 1
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+)}
+"""Encodings (sign bit cleared) of the Ed25519 points of small order (libsodium's list): such a
+public key verifies signatures that nobody made."""
 
 
 class IdentityError(ValueError):
@@ -50,6 +60,25 @@ def _raw(key: Ed25519PublicKey | X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def check_public_keys(signing: bytes, agreement: bytes) -> str | None:
+    """Why a roster entry's raw public keys are unsafe, or None: a non-canonical or
+    small-order Ed25519 point (keyless forgeries), or an X25519 key with no shared secret."""
+    if len(signing) != 32 or len(agreement) != 32:
+        return "keys must be 32 bytes each"
+    y = int.from_bytes(signing, "little") & ((1 << 255) - 1)
+    if y >= _FIELD_PRIME:
+        return "the Ed25519 key is not canonically encoded"
+    if bytes(signing[:31]) + bytes([signing[31] & 0x7F]) in _ED25519_SMALL_ORDER:
+        return "the Ed25519 key is a point of small order (it would accept forged signatures)"
+    if int.from_bytes(agreement, "little") & ((1 << 255) - 1) >= _FIELD_PRIME:
+        return "the X25519 key is not canonically encoded"
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(agreement))
+    except ValueError:
+        return "the X25519 key is of small order (every shared secret with it is zero)"
+    return None
+
+
 class Roster:
     """Every peer's public keys by rank: who may speak in this run."""
 
@@ -78,15 +107,23 @@ class Roster:
         if not isinstance(raw, dict) or raw.get("version") != ROSTER_VERSION or not isinstance(raw.get("peers"), list):
             raise IdentityError(f"{path}: expected {{\"version\": {ROSTER_VERSION}, \"peers\": [...]}}")
         peers: dict[int, PeerKeys] = {}
+        seen: dict[bytes, int] = {}
         for index, row in enumerate(raw["peers"]):
             try:
                 rank = int(row["rank"])
-                keys = PeerKeys(Ed25519PublicKey.from_public_bytes(bytes.fromhex(row["ed25519"])),
-                                X25519PublicKey.from_public_bytes(bytes.fromhex(row["x25519"])))
+                signing, agreement = bytes.fromhex(row["ed25519"]), bytes.fromhex(row["x25519"])
+                keys = PeerKeys(Ed25519PublicKey.from_public_bytes(signing), X25519PublicKey.from_public_bytes(agreement))
             except (KeyError, TypeError, ValueError) as err:
                 raise IdentityError(f"{path}: peers[{index}]: expected rank, ed25519 and x25519 (32-byte hex) ({err})") from None
             if rank in peers:
                 raise IdentityError(f"{path}: rank {rank} is listed twice")
+            unsafe = check_public_keys(signing, agreement)
+            if unsafe:
+                raise IdentityError(f"{path}: peers[{index}] (rank {rank}): {unsafe}")
+            for key in (signing, agreement):
+                if key in seen:
+                    raise IdentityError(f"{path}: rank {rank} reuses a public key of rank {seen[key]}; every peer needs its own keys")
+                seen[key] = rank
             peers[rank] = keys
         if sorted(peers) != list(range(len(peers))):
             raise IdentityError(f"{path}: ranks must be 0..n-1, got {sorted(peers)}")
@@ -102,18 +139,25 @@ def _pem(key: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
 
 
 def write_identity(identity: Identity, path: Path) -> None:
-    """Write both private keys, readable by the owner only (created 0600, never widened)."""
+    """Write both private keys into a new file, owner-only from its creation: never into an
+    existing file (whatever its mode) and never through a symlink."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise IdentityError(f"{path}: already exists; remove it first (keys are only ever written to a new file)") from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(_pem(identity.signing) + _pem(identity.agreement))
-    os.chmod(path, 0o600)
 
 
-def keygen(peers: int, out: str | Path) -> Path:
-    """Keys for `peers` peers in `out` (peer{rank}.pem) and their roster; returns the roster path."""
+def keygen(peers: int, out: str | Path, overwrite: bool = False) -> Path:
+    """Keys for `peers` peers in `out` (peer{rank}.pem) and their roster; returns the roster path.
+    With `overwrite`, old key files are removed first (a symlink is removed, not followed)."""
     out = Path(out)
     identities = [generate(rank) for rank in range(peers)]
+    if overwrite:
+        for old in out.glob("peer*.pem"):
+            old.unlink()
     for identity in identities:
         write_identity(identity, out / f"peer{identity.rank}.pem")
     roster = out / "roster.json"

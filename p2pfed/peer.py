@@ -28,7 +28,7 @@ from p2pfed.data import DataError, PeerData, load_peer_data
 from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager
 from p2pfed.identity import Identity, IdentityError, Roster, load_identity
-from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round
+from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round, identity_key, local_key
 from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
 from p2pfed.probe import probe_exchange
@@ -118,6 +118,7 @@ class Peer:
             if self.rank in config.faults.peers:
                 self.faults = FaultInjector(config.faults, identity, transport.world_size, seed + self.rank)
                 log.warning("peer %d: fault injection on (%s from round %d)", self.rank, config.faults.kind, config.faults.from_round)
+        self.identity = identity
         self.averager = self._averager(identity, roster)
 
     def _averager(self, identity: Identity | None, roster: Roster | None) -> Averager:
@@ -129,7 +130,8 @@ class Peer:
         fixed = FixedPoint(cfg.secure.bound, cfg.secure.frac_bits) if cfg.gossip.secure else None
         return Averager(self.transport, cfg.gossip.mode, codec, self.topology, identity, roster, self.faults,
                         algorithm=cfg.gossip.algorithm, gamma=cfg.gossip.gamma, error_feedback=feedback,
-                        initial=adapter_to_vector(self.model), secure=fixed, seed=cfg.run.seed * 100_003 + self.rank)
+                        initial=adapter_to_vector(self.model), secure=fixed, seed=cfg.run.seed * 100_003 + self.rank,
+                        min_present=cfg.secure.min_present)
 
     def say(self, text: str) -> None:
         if self.loud:
@@ -154,7 +156,7 @@ class Peer:
         if self.topology is not None:
             self.say(describe(self.topology))
         self.say(f"[p2pfed] peer 0 data: {self.data.description}; {self.data.train.shape[0]} train blocks")
-        checkpoints = Checkpoints(self.paths.checkpoints(self.rank), keep=2)
+        checkpoints = Checkpoints(self.paths.checkpoints(self.rank), self.checkpoint_key(), keep=2)
         resume = agree_on_round(checkpoints.valid_rounds(), self.transport)  # the newest round every peer has
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         writer = MetricsWriter(self.paths.peer_metrics(self.rank), keep_until_round=resume if resume else None)
@@ -166,7 +168,8 @@ class Peer:
         else:
             history = []
             first = self.evaluate()
-            start_consensus = exact_consensus_distance(adapter_to_vector(self.model), self.transport) if cfg.consensus.every else None
+            start_consensus = (exact_consensus_distance(adapter_to_vector(self.model), self.transport, self.averager.monitor())
+                               if cfg.consensus.every else None)
             writer.write({"rank": self.rank, "round": 0, **first, "consensus": start_consensus, "restart": restart})
             self.say(f"round {0:>3}/{cfg.run.rounds} | global ppl {first['global_ppl'] or float('nan'):.2f} | own ppl {first['own_ppl']:.2f}")
         for round in range(resume + 1, cfg.run.rounds + 1):
@@ -209,6 +212,12 @@ class Peer:
             "inconsistent": total("inconsistent"),
             "clipped": total("clipped"),
         }
+
+    def checkpoint_key(self) -> bytes:
+        """The MAC key of this peer's checkpoints: from its identity, else a local random key."""
+        if self.identity is not None:
+            return identity_key(self.identity.signing.private_bytes_raw())
+        return local_key(self.paths.checkpoints(self.rank))
 
     def probe(self) -> dict[str, Any]:
         """[bench] probes: the final adapter's gossip exchange timed against a bare send/recv."""

@@ -27,6 +27,36 @@ _PAYLOAD_TAG = 2
 _BARE_TAG = 3
 
 
+def _tag(exchange: int, kind: int) -> int:
+    """A tag per exchange and kind, so a payload that was never received (its length was
+    refused) can never be matched by a later exchange's receive."""
+    return ((exchange % (1 << 24)) << 2) | kind
+
+
+class LyingLength(bytes):
+    """Fault injection (`hugelength`): a message whose length prefix announces `announced`
+    bytes; the transport sends the lie and then no payload."""
+
+    announced: int = 0
+
+    @classmethod
+    def of(cls, data: bytes, announced: int) -> "LyingLength":
+        message = cls(data)
+        message.announced = announced
+        return message
+
+
+def announced_length(data: bytes) -> int:
+    return getattr(data, "announced", len(data))
+
+
+def length_refusal(source: Rank, length: int, max_length: int | None) -> str | None:
+    """Why a length prefix is refused before anything is allocated, or None."""
+    if length < 0 or (max_length is not None and length > max_length):
+        return f"peer {source} announced {length} bytes, outside [0, {max_length}] for this exchange"
+    return None
+
+
 class TransportTimeout(RuntimeError):
     """A neighbour sent nothing within the exchange timeout; the message names it."""
 
@@ -53,14 +83,19 @@ class Transport(Protocol):
     rank: Rank
     world_size: int
 
+    refused: dict[Rank, str]
+    """After each exchange: the senders whose length prefix was refused, and why."""
+
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
-                 patience: int = 1) -> dict[Rank, bytes]:
+                 patience: int = 1, max_length: int | None = None) -> dict[Rank, bytes]:
         """Send `outgoing[j]` to each j, receive one message from each of `incoming_from`.
 
         A neighbour silent past `patience` timeouts raises TransportTimeout naming it; with
         `partial`, a transport that can skip a message safely returns without it instead.
         (A later phase of a protocol waits longer: its senders may each have waited out an
-        earlier phase.)
+        earlier phase.) A message announced longer than `max_length` (the largest envelope
+        this exchange can carry) is refused before any buffer is allocated: it is left out
+        of the result and named in `refused`.
         """
         ...
 
@@ -105,25 +140,30 @@ class TorchTransport:
         self.world_size = dist.get_world_size()
         self.device = device or torch.device("cpu")
         self.timeout_s = timeout_s
+        self.refused: dict[Rank, str] = {}
 
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
-                 patience: int = 1) -> dict[Rank, bytes]:
+                 patience: int = 1, max_length: int | None = None) -> dict[Rank, bytes]:
         # A point-to-point stream cannot skip a message (a late one would be read as the next),
         # so `partial` does not apply here: a silent neighbour stops this peer, naming it.
         with _terminable():
-            return self._exchange(outgoing, incoming_from, time.monotonic() + self.timeout_s * patience)
+            return self._exchange(outgoing, incoming_from, tag, time.monotonic() + self.timeout_s * patience, max_length)
 
-    def _exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], deadline: float) -> dict[Rank, bytes]:
-        # Phase 1: lengths, so each receiver can allocate its buffer.
-        sent_lengths = {j: torch.tensor([len(b)], dtype=torch.int64, device=self.device) for j, b in outgoing.items()}
+    def _exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, deadline: float,
+                  max_length: int | None) -> dict[Rank, bytes]:
+        # Phase 1: lengths, checked against the bound before any buffer is allocated.
+        sent_lengths = {j: torch.tensor([announced_length(b)], dtype=torch.int64, device=self.device) for j, b in outgoing.items()}
         got_lengths = {j: torch.zeros(1, dtype=torch.int64, device=self.device) for j in incoming_from}
-        self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_LENGTH_TAG)) for j, t in sent_lengths.items()]
-                   + [("hear from", j, dist.irecv(t, src=j, tag=_LENGTH_TAG)) for j, t in got_lengths.items()], deadline)
-        # Phase 2: payloads (empty ones are not sent: both sides know the length is 0).
-        sent = {j: self._to_tensor(b) for j, b in outgoing.items() if b}
-        received = {j: torch.empty(int(t.item()), dtype=torch.uint8, device=self.device) for j, t in got_lengths.items()}
-        self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_PAYLOAD_TAG)) for j, t in sent.items()]
-                   + [("hear from", j, dist.irecv(t, src=j, tag=_PAYLOAD_TAG)) for j, t in received.items() if t.numel()], deadline)
+        self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_tag(tag, _LENGTH_TAG))) for j, t in sent_lengths.items()]
+                   + [("hear from", j, dist.irecv(t, src=j, tag=_tag(tag, _LENGTH_TAG))) for j, t in got_lengths.items()], deadline)
+        lengths = {j: int(t.item()) for j, t in got_lengths.items()}
+        self.refused = {j: why for j, n in lengths.items() if (why := length_refusal(j, n, max_length))}
+        # Phase 2: payloads (empty ones are not sent: both sides know the length is 0; a lying prefix sends none).
+        sent = {j: self._to_tensor(b) for j, b in outgoing.items() if b and announced_length(b) == len(b)}
+        received = {j: torch.empty(n, dtype=torch.uint8, device=self.device) for j, n in lengths.items() if j not in self.refused}
+        self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_tag(tag, _PAYLOAD_TAG))) for j, t in sent.items()]
+                   + [("hear from", j, dist.irecv(t, src=j, tag=_tag(tag, _PAYLOAD_TAG))) for j, t in received.items() if t.numel()],
+                   deadline)
         return {j: t.cpu().numpy().tobytes() for j, t in received.items()}
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -132,7 +172,7 @@ class TorchTransport:
         return work.to(tensor.device)
 
     def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
-        length = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        length = torch.tensor([announced_length(data)], dtype=torch.int64, device=self.device)
         lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
         dist.all_gather(lengths, length)
         check_gather_lengths([int(t.item()) for t in lengths], max_length, self.rank)
@@ -213,13 +253,20 @@ class LocalTransport:
         self.rank = rank
         self.world_size = hub.world_size
         self.calls = 0
+        self.refused: dict[Rank, str] = {}
 
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
-                 patience: int = 1) -> dict[Rank, bytes]:
+                 patience: int = 1, max_length: int | None = None) -> dict[Rank, bytes]:
+        got = self._exchange(outgoing, incoming_from, tag, partial, patience)
+        self.refused = {j: why for j, data in got.items() if (why := length_refusal(j, announced_length(data), max_length))}
+        return {j: data for j, data in got.items() if j not in self.refused}
+
+    def _exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool,
+                  patience: int) -> dict[Rank, bytes]:
         hub = self.hub
         with hub.condition:
             for j, data in outgoing.items():
-                hub.mail[(self.rank, j, tag)] = bytes(data)
+                hub.mail[(self.rank, j, tag)] = data if isinstance(data, LyingLength) else bytes(data)
             hub.condition.notify_all()
             keys = [(j, self.rank, tag) for j in incoming_from]
             if not hub.condition.wait_for(lambda: all(k in hub.mail for k in keys), timeout=hub.timeout_s * patience):
@@ -246,6 +293,6 @@ class LocalTransport:
         return torch.stack(self._collective("sum", tensor.detach().clone())).sum(dim=0)
 
     def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
-        gathered = self._collective("gather", bytes(data))
-        check_gather_lengths([len(g) for g in gathered], max_length, self.rank)
+        gathered = self._collective("gather", data)
+        check_gather_lengths([announced_length(g) for g in gathered], max_length, self.rank)
         return gathered

@@ -1,10 +1,19 @@
 """Checkpoints: atomic, the newest two kept, a damaged one detected and the previous used,
-and peers agree on the newest round they all hold."""
+a planted one refused without running its pickle, and peers agree on the newest round they
+all hold."""
 
+import hashlib
+import io
+import os
+import stat
+
+import pytest
 import torch
 
-from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round
+from p2pfed.checkpoint import MAGIC, CheckpointError, Checkpoints, agree_on_round, identity_key, local_key
 from p2pfed.transport import LocalHub
+
+KEY = bytes(range(32))
 
 
 def state(round: int) -> dict:
@@ -12,7 +21,7 @@ def state(round: int) -> dict:
 
 
 def test_saving_keeps_the_newest_two_and_leaves_no_temporary_files(tmp_path):
-    checkpoints = Checkpoints(tmp_path / "peer0")
+    checkpoints = Checkpoints(tmp_path / "peer0", KEY)
     for round in (1, 2, 3):
         checkpoints.save(round, state(round))
     assert checkpoints.rounds() == [2, 3]
@@ -21,7 +30,7 @@ def test_saving_keeps_the_newest_two_and_leaves_no_temporary_files(tmp_path):
 
 
 def test_a_truncated_or_corrupted_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
-    checkpoints = Checkpoints(tmp_path / "peer0")
+    checkpoints = Checkpoints(tmp_path / "peer0", KEY)
     checkpoints.save(4, state(4))
     checkpoints.save(5, state(5))
     data = checkpoints.path(5).read_bytes()
@@ -34,7 +43,7 @@ def test_a_truncated_or_corrupted_checkpoint_is_detected_and_the_previous_one_us
     try:
         checkpoints.load(5)
     except CheckpointError as err:
-        assert "round-000005.pt" in str(err) and "corrupted" in str(err)
+        assert "round-000005.pt" in str(err) and "MAC mismatch" in str(err)
     else:
         raise AssertionError("a corrupted checkpoint loaded")
     assert checkpoints.load(4)["round"] == 4
@@ -54,3 +63,62 @@ def test_peers_resume_from_the_newest_round_they_all_have():
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert agreed == {0: 4, 1: 4, 2: 4}
+
+
+class Planted:
+    """A pickle that runs code when loaded: what a planted checkpoint would carry."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def planted_body(marker) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"round": 7, "adapter": Planted(str(marker))}, buffer)
+    return buffer.getvalue()
+
+
+def test_a_planted_checkpoint_with_a_valid_sha256_is_refused_and_its_pickle_never_runs(tmp_path):
+    """The earlier format carried an unkeyed SHA-256: anyone could write a file that passed."""
+    marker = tmp_path / "pwned"
+    checkpoints = Checkpoints(tmp_path / "peer0", KEY)
+    checkpoints.directory.mkdir(parents=True)
+    body = planted_body(marker)
+    for magic in (MAGIC, b"P2PFED-CHECKPOINT-1\n"):
+        checkpoints.path(7).write_bytes(magic + hashlib.sha256(body).digest() + body)
+        assert checkpoints.valid_rounds() == []
+        with pytest.raises(CheckpointError, match="MAC mismatch|not a complete p2pfed checkpoint"):
+            checkpoints.load(7)
+    assert not marker.exists()
+
+
+def test_even_an_authentic_checkpoint_is_read_as_tensors_only(tmp_path):
+    marker = tmp_path / "pwned"
+    checkpoints = Checkpoints(tmp_path / "peer0", KEY)
+    checkpoints.directory.mkdir(parents=True)
+    body = planted_body(marker)
+    checkpoints.path(7).write_bytes(MAGIC + checkpoints._mac(body) + body)  # say the key leaked
+    with pytest.raises(CheckpointError, match="tensors and plain types"):
+        checkpoints.load(7)
+    assert not marker.exists()
+
+
+def test_another_peers_key_does_not_open_a_checkpoint(tmp_path):
+    mine, theirs = identity_key(b"\x01" * 32), identity_key(b"\x02" * 32)
+    assert mine != theirs and len(mine) == 32
+    Checkpoints(tmp_path / "peer0", theirs).save(3, state(3))
+    assert Checkpoints(tmp_path / "peer0", mine).valid_rounds() == []
+
+
+def test_a_local_key_is_created_once_owner_only_and_never_through_a_symlink(tmp_path):
+    first = local_key(tmp_path / "peer0")
+    assert local_key(tmp_path / "peer0") == first
+    assert stat.S_IMODE((tmp_path / "peer0" / "mac.key").stat().st_mode) == 0o600
+    (tmp_path / "peer1").mkdir()
+    (tmp_path / "elsewhere").write_bytes(b"x" * 32)
+    (tmp_path / "peer1" / "mac.key").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        local_key(tmp_path / "peer1")

@@ -23,9 +23,11 @@ class Tampering:
     def __init__(self, inner):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
 
-    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1):
+    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1, max_length=None):
         bad = {j: m[:-1] + bytes([m[-1] ^ 0x01]) for j, m in outgoing.items()}
-        return self.inner.exchange(bad, incoming_from, tag, partial, patience)
+        got = self.inner.exchange(bad, incoming_from, tag, partial, patience, max_length)
+        self.refused = self.inner.refused
+        return got
 
     def all_gather_bytes(self, data, max_length=None):
         return self.inner.all_gather_bytes(data, max_length)

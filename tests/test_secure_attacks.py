@@ -26,6 +26,7 @@ from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager
 from p2pfed.secure import CONSENT, CONSENTS, RELEASE, SURVIVORS, Context, FixedPoint, PairwiseMasks, SecureError, self_mask
 from p2pfed.secure.messages import Survivors, decode_data, encode_survivors
+from p2pfed.secure.protocol import commit
 from p2pfed.secure.shares import SHARE_SIZE, combine, threshold
 from p2pfed.topology import load_topology
 from p2pfed.transport import LocalHub
@@ -48,10 +49,11 @@ class Tap:
         self.seen: list[tuple[int, int, bytes]] = []
         self.raw: list[bytes] = []
 
-    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1):
+    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1, max_length=None):
         if self.rewrite is not None:
             outgoing = {j: self.rewrite(self, j, m) for j, m in outgoing.items()}
-        got = self.inner.exchange(outgoing, incoming_from, tag, partial, patience)
+        got = self.inner.exchange(outgoing, incoming_from, tag, partial, patience, max_length)
+        self.refused = self.inner.refused
         self.seen += [(j, HEADER_STRUCT.unpack_from(m)[2], m[OVERHEAD:]) for j, m in got.items()]
         self.raw += list(got.values())
         return got
@@ -70,7 +72,7 @@ def vectors(seed: int = 0) -> dict[int, torch.Tensor]:
     return {r: torch.randn(N, generator=torch.Generator().manual_seed(seed * 100 + r)) * 0.1 for r in range(WORLD)}
 
 
-def run(values, keys, roster, rewrite=None, flip_peer: int | None = None):
+def run(values, keys, roster, rewrite=None, flip_peer: int | None = None, min_present: int = 2):
     """One secure round on the torus; returns (topology, the receiver's tap, every peer's (vector, stats))."""
     hub = LocalHub(WORLD, timeout_s=10)
     topology = load_topology(ROOT / "topologies/torus.toml", WORLD)
@@ -83,7 +85,8 @@ def run(values, keys, roster, rewrite=None, flip_peer: int | None = None):
         faults = None
         if rank == flip_peer:
             faults = FaultInjector(FaultSection(peers=[rank], kind="flip", from_round=1), keys[rank], WORLD, 0)
-        averager = Averager(transport, "gossip", build_codec("fp32"), topology, keys[rank], roster, faults, secure=FIXED, seed=rank)
+        averager = Averager(transport, "gossip", build_codec("fp32"), topology, keys[rank], roster, faults, secure=FIXED, seed=rank,
+                            min_present=min_present)
         results[rank] = averager.average(values[rank], 0)
 
     threads = [threading.Thread(target=peer, args=(r,)) for r in range(WORLD)]
@@ -256,3 +259,76 @@ def test_a_message_recorded_in_one_run_is_refused_in_the_next_and_masks_differ_b
     masks = PairwiseMasks(keys[0], roster)
     same_round = [masks.mask(Context(s, 0, 0, 0, RECEIVER), [0, 2], 64) for s in (session_a, session_b)]
     assert not np.array_equal(*same_round)
+
+
+def test_an_eavesdropper_cannot_read_the_releases_so_cannot_rebuild_any_sum():
+    """Releases travel sealed for the receiver: read as plaintext, their share bytes rebuild no
+    seed (an eavesdropper holding every receiver's sum could solve for each adapter)."""
+    keys, roster = identities(WORLD)
+    topology, tap, _ = run(vectors(), keys, roster)
+    senders = topology.in_neighbours(RECEIVER, 0)
+    session = HEADER_STRUCT.unpack_from(tap.raw[0])[11]
+    context = Context(session, 0, 0, 0, RECEIVER)
+    releases = {j: tap.payloads(j, RELEASE)[0] for j in senders}
+    for victim in senders:
+        holders = [k for k in senders if k != victim]
+        shares = {}
+        for helper in holders:
+            owners = [j for j in senders if j != helper]
+            n = owners.index(victim)
+            shares[holders.index(helper) + 1] = releases[helper][n * SHARE_SIZE: (n + 1) * SHARE_SIZE]
+        guess = combine(dict(sorted(shares.items())[: threshold(len(senders))]))
+        data = decode_data(tap.payloads(victim, DATA)[0], N, holders)
+        assert commit(guess, context) != data.commitment
+
+
+def test_min_present_stops_a_receiver_from_shrinking_the_sum_to_isolate_a_victim():
+    """With three senders a receiver that refuses one honest message learns the sum of two,
+    and with one colluder the other's adapter; `secure.min_present = 3` abandons such sums."""
+    keys, roster = identities(WORLD)
+    values = vectors()
+    topology, _, results = run(values, keys, roster, flip_peer=4, min_present=3)
+    for rank, (mixed, stats) in results.items():
+        if 4 in topology.in_neighbours(rank, 0):
+            assert stats.abandoned and torch.equal(mixed, values[rank])
+        else:
+            assert not stats.abandoned
+
+
+def test_consensus_monitoring_in_secure_mode_hands_the_network_only_masked_words():
+    """An all-reduce passes pieces of each input through other peers (gloo's ring sends a raw
+    chunk to the next rank), so secure mode's monitoring sums masked words; Xi^2 is unchanged."""
+    from p2pfed.consensus import consensus_distance_of, exact_consensus_distance
+
+    keys, roster = identities(WORLD)
+    values = vectors()
+    hub = LocalHub(WORLD, timeout_s=10)
+    topology = load_topology(ROOT / "topologies/torus.toml", WORLD)
+    handed, distances = {}, {}
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def all_reduce_sum(self, tensor):
+            handed.setdefault(self.rank, []).append(tensor.clone())
+            return self.inner.all_reduce_sum(tensor)
+
+    def peer(rank):
+        transport = Recording(hub.transport(rank))
+        averager = Averager(transport, "gossip", build_codec("fp32"), topology, keys[rank], roster, secure=FIXED, seed=rank)
+        distances[rank] = exact_consensus_distance(values[rank], transport, averager.monitor())
+
+    threads = [threading.Thread(target=peer, args=(r,)) for r in range(WORLD)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    expected = consensus_distance_of([values[r] for r in range(WORLD)])
+    assert all(abs(d - expected) <= 1e-6 * expected for d in distances.values())
+    for rank, tensors in handed.items():
+        vector_words = tensors[0]
+        assert vector_words.dtype == torch.int64 and vector_words.numel() == N
+        assert chi_square_bytes(vector_words.numpy().tobytes()) < CRITICAL  # uniform, not the adapter
+        assert float((vector_words.double() / 2**32 - values[rank].double()).abs().median()) > 1.0

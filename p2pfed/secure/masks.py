@@ -73,6 +73,10 @@ class PairwiseMasks:
         """The AEAD key for shares travelling between me and `other` in this context."""
         return derive(self.secret(other), b"share", context)
 
+    def release_key(self, other: int, context: Context) -> bytes:
+        """The AEAD key of a helper's release to a receiver: only the receiver reads shares and corrections."""
+        return derive(self.secret(other), b"release", context)
+
     def mask(self, context: Context, others: list[int], count: int) -> np.ndarray:
         """sum over k in `others` (k != me) of sign(me, k) * PRG(s_{me,k}, context), mod 2^32."""
         total = np.zeros(count, dtype=np.uint32)

@@ -40,7 +40,7 @@ from p2pfed.secure.masks import PairwiseMasks, self_mask
 from p2pfed.secure.messages import (SIGNATURE_SIZE, Data, Survivors, data_length, decode_consents, decode_data, decode_release,
                                     decode_survivors, encode_data, encode_release, encode_survivors, release_length)
 from p2pfed.secure.session import Context
-from p2pfed.secure.shares import SEALED_SHARE_SIZE, SEED_SIZE, combine, open_share, seal_share, split_seed, threshold
+from p2pfed.secure.shares import SEALED_SHARE_SIZE, SEED_SIZE, TAG_SIZE, combine, open_from, open_share, seal_for, seal_share, split_seed, threshold
 from p2pfed.topology import Topology
 
 SECURE_CODEC = 0xE0
@@ -87,6 +87,8 @@ class Neighbourhood:
     fixed: FixedPoint
     data_kind: int
     generator: torch.Generator
+    min_present: int = 2
+    """The fewest present senders a sum completes with (helpers check it too)."""
     masks: PairwiseMasks = field(init=False)
 
     def __post_init__(self) -> None:
@@ -124,9 +126,10 @@ def consent_message(context: Context, survivors: Survivors) -> bytes:
     return _CONSENT_LABEL + context.encode() + survivors.encode()
 
 
-def viable(survivors: Survivors, senders: int) -> bool:
-    """Two or more present, and every present seed rebuildable from the other helpers."""
-    return len(survivors.present) >= 2 and len(survivors.helpers) - 1 >= threshold(senders)
+def viable(survivors: Survivors, senders: int, min_present: int = 2) -> bool:
+    """Enough present (two or more, and `min_present`), and every present seed rebuildable
+    from the other helpers."""
+    return len(survivors.present) >= max(2, min_present) and len(survivors.helpers) - 1 >= threshold(senders)
 
 
 def _timed(cost: SecureCost, start: float) -> None:
@@ -176,7 +179,7 @@ def choose_survivors(nb: Neighbourhood, state: Exchange, channel: Channel, heard
     survivors = Survivors(tuple(sorted(state.data)), tuple(j for j in senders if j in arrived))
     state.helpers = list(survivors.helpers)
     state.cost.dropouts = len(senders) - len(survivors.present)
-    if not viable(survivors, len(senders)):
+    if not viable(survivors, len(senders), nb.min_present):
         return {k: b"" for k in survivors.helpers}  # an empty list: no sum this time, nothing to release
     state.survivors = survivors
     return {k: encode_survivors(survivors, [state.data[j].sealed[k] for j in survivors.present if j != k])
@@ -199,7 +202,7 @@ def consent(nb: Neighbourhood, state: Exchange, channel: Channel, lists: dict[in
         context, senders = state.context(i), nb.topology.in_neighbours(i, state.round)
         try:
             survivors, forwarded = decode_survivors(payload, senders, me)
-            if me not in survivors.helpers or not viable(survivors, len(senders)):
+            if me not in survivors.helpers or not viable(survivors, len(senders), nb.min_present):
                 raise SecureError(f"list {survivors} does not make peer {me} a helper of a sum that can be completed", "malformed")
             opened = {j: open_share(nb.masks.share_key(j, context), sealed, context, j, me) for j, sealed in forwarded.items()}
         except SecureError as err:
@@ -261,12 +264,13 @@ def release(nb: Neighbourhood, state: Exchange, channel: Channel, bundles: dict[
         start = time.perf_counter()
         correction = nb.masks.mask(context, missing, state.count) if me in survivors.present and missing else None
         _timed(state.cost, start)
-        out[i] = encode_release([opened[j] for j in survivors.present if j != me], correction)
+        release = encode_release([opened[j] for j in survivors.present if j != me], correction)
+        out[i] = seal_for(nb.masks.release_key(i, context), release, context, me, i)  # for the receiver's eyes only
     return out
 
 
 def max_release_payload(nb: Neighbourhood, count: int) -> int:
-    return release_length(nb.topology.n, count, True)
+    return release_length(nb.topology.n, count, True) + TAG_SIZE
 
 
 def unmask(nb: Neighbourhood, state: Exchange, channel: Channel, releases: dict[int, tuple[int, bytes]]) -> torch.Tensor | None:
@@ -286,18 +290,23 @@ def unmask(nb: Neighbourhood, state: Exchange, channel: Channel, releases: dict[
             payload = releases.get(k, (0, b""))[1]
             if not payload:
                 raise SecureError(f"helper {k} released nothing", "declined")
-            shares, correction = decode_release(payload, owners, state.count, k in survivors.present and bool(missing))
+            opened = open_from(nb.masks.release_key(k, context), payload, context, k, nb.rank, "release")
+            shares, correction = decode_release(opened, owners, state.count, k in survivors.present and bool(missing))
             for j, share in shares.items():
                 holders = [h for h in senders if h != j]
                 held[j][holders.index(k) + 1] = share
             if correction is not None:
                 total -= correction
         start = time.perf_counter()
-        for culprit in survivors.present:
-            j = culprit
-            seed = combine(dict(sorted(held[j].items())[:needed]))
+        for j in survivors.present:
+            used = sorted(held[j].items())[:needed]
+            culprit = j
+            seed = combine(dict(used))
             if commit(seed, context) != state.data[j].commitment:
-                raise SecureError(f"the shares of peer {j}'s seed do not rebuild what it committed to", "share")
+                holders = [h for h in senders if h != j]
+                suspects = [holders[x - 1] for x, _ in used]
+                raise SecureError(f"the shares of peer {j}'s seed from helpers {suspects} do not rebuild what peer {j} "
+                                  f"committed to (a helper or peer {j} lied)", "share")
             total += state.data[j].words - self_mask(seed, context, state.count)
         _timed(state.cost, start)
     except SecureError as err:

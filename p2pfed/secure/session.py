@@ -31,6 +31,8 @@ class Purpose(IntEnum):
     """An extra gossip step taken by consensus control within a round."""
     PROBE = 2
     """A benchmark probe of the exchange after the last round."""
+    MONITOR = 3
+    """A masked all-reduce of consensus monitoring."""
 
 
 class Gathers(Protocol):

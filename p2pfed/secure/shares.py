@@ -41,16 +41,31 @@ def _nonce(sender: int, holder: int) -> bytes:
     return struct.pack("<III", sender, holder, 0)
 
 
+TAG_SIZE = 16
+
+
+def seal_for(key: bytes, data: bytes, context: Context, sender: int, recipient: int) -> bytes:
+    """Encrypt and authenticate `data` from `sender` for `recipient` (a share, or a release)."""
+    return ChaCha20Poly1305(key).encrypt(_nonce(sender, recipient), data, context.encode())
+
+
+def open_from(key: bytes, sealed: bytes, context: Context, sender: int, recipient: int, what: str = "share") -> bytes:
+    """What `sealed` carries, or SecureError(`what`) when it was altered, misdirected or too short."""
+    if len(sealed) < TAG_SIZE:
+        raise SecureError(f"sealed {what} of {len(sealed)} bytes, shorter than its tag", what)
+    try:
+        return ChaCha20Poly1305(key).decrypt(_nonce(sender, recipient), sealed, context.encode())
+    except InvalidTag:
+        raise SecureError(f"peer {sender}'s {what} for peer {recipient} does not authenticate", what) from None
+
+
 def seal_share(key: bytes, share: bytes, context: Context, sender: int, holder: int) -> bytes:
-    """Encrypt and authenticate one share from `sender` for `holder`."""
-    return ChaCha20Poly1305(key).encrypt(_nonce(sender, holder), share, context.encode())
+    """One Shamir share from `sender` for `holder`, readable by the holder only."""
+    return seal_for(key, share, context, sender, holder)
 
 
 def open_share(key: bytes, sealed: bytes, context: Context, sender: int, holder: int) -> bytes:
-    """The share inside `sealed`, or SecureError('share') when it was altered or misdirected."""
+    """The share inside `sealed`, or SecureError('share')."""
     if len(sealed) != SEALED_SHARE_SIZE:
         raise SecureError(f"sealed share of {len(sealed)} bytes, expected {SEALED_SHARE_SIZE}", "share")
-    try:
-        return ChaCha20Poly1305(key).decrypt(_nonce(sender, holder), sealed, context.encode())
-    except InvalidTag:
-        raise SecureError(f"peer {sender}'s share for peer {holder} does not authenticate", "share") from None
+    return open_from(key, sealed, context, sender, holder)
