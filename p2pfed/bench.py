@@ -29,6 +29,8 @@ class Row:
 
     name: str
     overrides: tuple[str, ...] = ()
+    cell: tuple | None = None
+    """Robust suite: (topology, attackers, attack or None, rule)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,16 @@ def convergence_rows(peers: int, local_steps: int) -> tuple[Row, ...]:
     )
 
 
+def robust_rows(topologies: tuple[str, ...], attackers: tuple[int, ...], rules: tuple[str, ...]) -> tuple[Row, ...]:
+    """No attack under each rule, then every attack under each rule, per graph and attacker count."""
+    from p2pfed.benchrobust import ATTACKS, robust_row_overrides, row_name
+
+    rows = [Row(row_name(t, 1, None, rule), robust_row_overrides(t, 1, None, rule), (t, 1, None, rule)) for t in topologies for rule in rules]
+    rows += [Row(row_name(t, b, attack, rule), robust_row_overrides(t, b, attack, rule), (t, b, attack, rule))
+             for t in topologies for b in attackers for attack in ATTACKS for rule in rules]
+    return tuple(rows)
+
+
 SCALING_COMMON = ("run.rounds=3", "run.max_restarts=0", "run.local_steps=1", "run.eval_every=3", "data.batch_size=1", "data.eval_blocks=1", "bench.probes=5")
 SUITES = {
     "quick": Suite("launch/configs/tiny.toml", "the full suite's rows on the tiny random Llama, 4 peers (a smoke test of the harness)",
@@ -115,6 +127,13 @@ SUITES = {
                   micro="full"),
     "compression": Suite("launch/configs/demo.toml", "compression settings on the demo task (SmolLM2-135M, 4 peers, ring)",
                          COMPRESSION_ROWS, ("run.eval_every=12",)),
+    "robust": Suite("launch/configs/bench.toml", "Byzantine peers against ClippedGossip on SmolLM2-135M, 8 peers, exponential graph "
+                    "(trimmed mean and median then run on the attack clipping handles worst)",
+                    robust_rows(("exponential",), (1,), ("none", "clip")), ("bench.probes=5",), judge="robust"),
+    "robust-tiny": Suite("launch/configs/tiny.toml", "the whole Byzantine grid on the tiny model, 8 peers: ring and exponential, "
+                         "1 and 2 attackers, every attack, every rule",
+                         robust_rows(("ring", "exponential"), (1, 2), ("none", "clip", "trimmed", "median")),
+                         ("run.peers=8", "run.rounds=12", "run.eval_every=12", "bench.probes=5"), judge="robust"),
     "secure": Suite("launch/configs/demo.toml", "secure averaging against plain gossip on the demo task (SmolLM2-135M, 4 peers, ring)",
                     SECURE_ROWS, ("run.eval_every=12", "bench.probes=5"), judge="secure"),
 }
@@ -173,6 +192,29 @@ class BenchRun:
             raise RuntimeError(f"row {row.name!r} failed (status {code}); log {log_path}:\n" + "\n".join(tail))
         return run_dir
 
+    def run_robust(self, rows: list[Row]) -> list[dict[str, Any]]:
+        """Every cell; a cell whose rule cannot tolerate its attackers is a table line saying so.
+        The SmolLM2 suite then runs trimmed mean and median on the attack clipping handles worst."""
+        from p2pfed.benchrobust import robust_row_overrides, row_name
+
+        results: list[dict[str, Any]] = []
+        pending = list(rows)
+        while pending:
+            row = pending.pop(0)
+            try:
+                check_cell(self.suite.base, [*self.suite.common, *row.overrides])
+                run_dir = self.run_row(self.suite_name, len(results) + 1, len(results) + 1 + len(pending), row, self.suite.base, self.suite.common)
+                results.append(robust_figures(row, run_dir))
+            except ConfigError as err:
+                results.append({"name": row.name, "cell": list(row.cell or ()), "error": str(err).split(": ", 1)[-1]})
+            if not pending and self.suite_name == "robust" and not any(r["cell"][3] in ("trimmed", "median") for r in results):
+                attack = worst_for_clipping(results)
+                if attack:
+                    topology = results[0]["cell"][0]
+                    pending = [Row(row_name(topology, 1, attack, rule), robust_row_overrides(topology, 1, attack, rule), (topology, 1, attack, rule))
+                               for rule in ("trimmed", "median")]
+        return results
+
     def run(self) -> Path:
         from p2pfed.benchtables import write_results
         from p2pfed.microbench import run_micro
@@ -180,11 +222,15 @@ class BenchRun:
         rows, scaling, micro = self.plan()
         suite = self.suite
         started = time.perf_counter()
-        results = [convergence_figures(row, self.run_row(self.suite_name, i, len(rows), row, suite.base, suite.common))
-                   for i, row in enumerate(rows, start=1)]
+        if suite.judge == "robust":
+            results = self.run_robust(rows)
+        else:
+            results = [convergence_figures(row, self.run_row(self.suite_name, i, len(rows), row, suite.base, suite.common))
+                       for i, row in enumerate(rows, start=1)]
         scaled = []
         for i, (spec, row) in enumerate(scaling, start=1):
             try:
+                check_cell(self.suite.base, [*self.suite.common, *row.overrides])
                 run_dir = self.run_row(f"{self.suite_name}-scaling", i, len(scaling), row, spec.base, spec.common)
                 scaled.append(scaling_figures(spec, row, run_dir))
             except RuntimeError as err:  # e.g. out of memory at 16 SmolLM2 peers: the table says so
@@ -192,6 +238,36 @@ class BenchRun:
                 scaled.append({"name": row.name, "model": spec.label, "error": str(err).splitlines()[-1][:200]})
         micro_rows = run_micro(suite.micro) if micro else []
         return write_results(self.suite_name, suite, results, scaled, micro_rows, self.out / "results", time.perf_counter() - started)
+
+
+def robust_figures(row: Row, run_dir: Path) -> dict[str, Any]:
+    """A robust table line: the honest peers' perplexity, refusals, and the probed exchange time."""
+    from p2pfed.benchrobust import honest_ppl
+
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    peers = summary["peers_table"]
+    return {"name": row.name, "cell": list(row.cell or ()), "overrides": list(row.overrides), "run_dir": str(run_dir),
+            "wall_s": summary["wall_s"], "honest_ppl": honest_ppl(summary, config), "rejected": sum(p["rejected"] for p in peers),
+            "probe_gossip_s": mean_of(peers, "probe_gossip_s"), "config": config}
+
+
+def check_cell(base: str, overrides: list[str]) -> None:
+    """ConfigError, before any process starts, for a rule whose graph cannot tolerate its attackers."""
+    from p2pfed.mixing import check_tolerance
+    from p2pfed.topology import load_topology
+
+    config = load_config(ROOT / base, overrides)
+    topology = load_topology(ROOT / config.gossip.topology, config.run.peers)
+    degrees = {i: min(len(topology.in_neighbours(i, e)) for e in range(topology.period)) for i in range(topology.n)}
+    check_tolerance(config.gossip.robust, config.gossip.byzantine, degrees, config.gossip.topology)
+
+
+def worst_for_clipping(results: list[dict[str, Any]]) -> str | None:
+    """The attack whose ClippedGossip row left the honest peers worst off (trimmed mean and median follow on it)."""
+    clipped = [r for r in results if r["cell"][2] and r["cell"][3] == "clip" and not r.get("error")]
+    worst = max(clipped, key=lambda r: r["honest_ppl"] if r.get("honest_ppl") is not None else float("inf"), default=None)
+    return worst["cell"][2] if worst else None
 
 
 def find_finished_run(runs: Path, wanted: dict[str, Any]) -> Path | None:

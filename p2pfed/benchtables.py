@@ -223,8 +223,9 @@ def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]]
             f"{stamp}; {info['platform']}, {info['cpus']} CPUs, torch {info['torch']}, Python {info['python']}; "
             f"the runs took {sum(r.get('wall_s', 0.0) for r in [*results, *scaling]) / 60:.0f} min in all "
             f"(this invocation {wall_s / 60:.0f} min: finished runs of identical configs are reused).", ""]
-    if results:
-        base = results[0]["config"] if suite.judge != "convergence" else next(
+    if results and any(r.get("config") for r in results):
+        configured = [r for r in results if r.get("config")]
+        base = configured[0]["config"] if suite.judge != "convergence" else next(
             (r["config"] for r in results if r["name"].startswith("gossip ring")), results[-1]["config"])
         text += [
             f"Base config `{suite.base}`{' with `' + ' '.join(suite.common) + '`' if suite.common else ''}: {base['run']['peers']} peers, "
@@ -232,7 +233,14 @@ def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]]
             f"local steps of {base['data']['batch_size']}x{base['data']['block_size']} tokens, data {base['data']['source']} by "
             f"{base['data']['split']}, seed {base['run']['seed']}. Every row runs the same rounds, steps, seeds and data; only its "
             "overrides differ (each row's full config is in the JSON).", ""]
-        if suite.judge == "convergence":
+        if suite.judge == "robust":
+            from p2pfed.benchrobust import robust_goals, robust_table
+
+            text += [robust_table(results), "", "Goals:", *robust_goals(results), "",
+                     "Honest global ppl: mean final perplexity on the shared held-out set over the peers that do not attack. The gap "
+                     "is against the same graph's run with no attack and no defence. Exchange: the median whole gossip exchange "
+                     "of the final adapter (5 probes after the last round).", ""]
+        elif suite.judge == "convergence":
             plot = plot_ppl_vs_bytes(results, directory / f"{suite_name}-{stamp}-ppl-vs-bytes.png")
             text += ["## Convergence", "", convergence_table(results), "", "Goals:", *convergence_goals(results, scaling), "",
                      f"![perplexity vs total bytes]({plot.name})", ""]

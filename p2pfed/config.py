@@ -164,6 +164,13 @@ class GossipSection:
     neighbours' adapters (see [secure] for the fixed-point encoding)."""
     timeout_s: float = 300.0
     """How long a peer waits for its neighbours before giving up."""
+    robust: str = "none"
+    """Byzantine-robust mixing of decoded neighbour values: 'none' (weighted average),
+    'clip' (ClippedGossip: self-centred clipping, adaptive radius), 'trimmed'
+    (coordinate-wise trimmed mean), 'median' (coordinate-wise median). Needs individual
+    values: not with secure mode or CHOCO."""
+    byzantine: int = 1
+    """How many attackers a robust rule must tolerate in any one neighbourhood."""
 
     def check(self) -> None:
         from p2pfed.codec import CodecError, parse_spec
@@ -171,6 +178,13 @@ class GossipSection:
         _one_of(self, "mode", ("gossip", "allreduce", "local"))
         _one_of(self, "algorithm", ("plain", "choco"))
         _one_of(self, "error_feedback", ("auto", "on", "off"))
+        _one_of(self, "robust", ("none", "clip", "trimmed", "median"))
+        _at_least(self, 1, "byzantine")
+        if self.robust != "none" and self.secure:
+            raise ConfigError(f"[gossip] robust = '{self.robust}': robust rules look at each neighbour's adapter, but secure mode only "
+                              "ever reveals their sum; choose one (a secure sender's values are bounded by [secure] bound)")
+        if self.robust != "none" and self.algorithm == "choco":
+            raise ConfigError(f"[gossip] robust = '{self.robust}': CHOCO mixes public copies by its own step; use algorithm = 'plain'")
         try:
             parse_spec(self.codec)
         except CodecError as err:

@@ -24,6 +24,7 @@ from p2pfed.codec import Codec, CodecError, Decoded, ErrorFeedback, StochasticIn
 from p2pfed.config import ConfigError
 from p2pfed.faults import FaultInjector
 from p2pfed.identity import Identity, Roster
+from p2pfed.mixing import build_rule, check_tolerance
 from p2pfed.topology import Topology
 from p2pfed.secure import FixedPoint, Purpose, SecureError, check_secure_topology, establish_session
 from p2pfed.secure import protocol as secure_phases
@@ -51,6 +52,8 @@ class RoundStats:
     rejected: dict[str, int] = field(default_factory=dict)
     mask_s: float = 0.0
     """Secure mode: generating pairwise masks (ChaCha20)."""
+    mix_s: float = 0.0
+    """Combining the adapters heard (the mixing rule)."""
     clipped: int = 0
     """Secure mode: values clipped to the fixed-point bound."""
     dropouts: int = 0
@@ -78,6 +81,7 @@ class RoundStats:
             total.crypto_s += s.crypto_s
             total.comm_s += s.comm_s
             total.mask_s += s.mask_s
+            total.mix_s += s.mix_s
             total.clipped += s.clipped
             total.dropouts += s.dropouts
             total.inconsistent += s.inconsistent
@@ -94,7 +98,7 @@ class Averager:
                  identity: Identity | None = None, roster: Roster | None = None, faults: FaultInjector | None = None,
                  *, algorithm: str = "plain", gamma: float = 0.5, error_feedback: bool = False,
                  initial: torch.Tensor | None = None, secure: FixedPoint | None = None, seed: int = 0,
-                 session: bytes | None = None, min_present: int = 2) -> None:
+                 session: bytes | None = None, min_present: int = 2, robust: str = "none", byzantine: int = 1) -> None:
         if mode == "gossip" and (topology is None or identity is None or roster is None):
             raise ValueError("gossip mode needs a topology, this peer's identity and the roster")
         self.transport = transport
@@ -112,6 +116,10 @@ class Averager:
             raise ConfigError("[gossip] algorithm/error_feedback: CHOCO and error feedback keep a copy of each neighbour, "
                               f"so they need a static topology; {topology.source} changes neighbours every round")
         self.feedback = ErrorFeedback(codec) if self.stateful else None
+        self.rule = build_rule(robust, byzantine)
+        if mode == "gossip" and topology is not None:
+            degrees = {i: min(len(topology.in_neighbours(i, e)) for e in range(topology.period)) for i in range(topology.n)}
+            check_tolerance(robust, byzantine, degrees, topology.source)
         self.initial = initial
         """The common starting adapter: every public copy starts there (zeros if not given)."""
         self.last_sent: torch.Tensor | None = None
@@ -315,7 +323,9 @@ class Averager:
                 log.warning("peer %d: no longer mixing peer %d: its public copy fell out of step with a refused message", self.rank, j)
         if self.faults is not None:
             self.faults.observe(list(heard.values()))
+        start = time.perf_counter()
         mixed = self._mix(vector, heard, weights)
+        stats.mix_s = time.perf_counter() - start
         stats.local_consensus = 0.5 * sum(float(weights[j]) * float((vector - value).pow(2).sum()) for j, value in heard.items())
         return mixed, stats
 
@@ -344,18 +354,14 @@ class Averager:
         return self.copies[j]
 
     def _mix(self, vector: torch.Tensor, heard: dict[int, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-        """Plain: W_ii x_i + sum_j W_ij x_j (a missing neighbour's weight goes to self). CHOCO: the gamma step."""
+        """CHOCO: the gamma step on public copies; otherwise the chosen rule (p2pfed.mixing)."""
         if self.algorithm == "choco":
             assert self.own_copy is not None
             pull = torch.zeros_like(vector)
             for j in sorted(heard):
                 pull.add_(heard[j] - self.own_copy, alpha=float(weights[j]))
             return vector + self.gamma * pull
-        self_weight = 1.0 - sum(float(weights[j]) for j in heard)
-        mixed = vector * self_weight
-        for j in sorted(heard):
-            mixed.add_(heard[j], alpha=float(weights[j]))
-        return mixed
+        return self.rule.mix(vector, heard, weights)
 
     def _accept(self, message: bytes, source: int, round: int, step: int, senders: list[int], length: int, stats: RoundStats,
                 purpose: Purpose) -> Decoded | None:

@@ -131,7 +131,7 @@ class Peer:
         return Averager(self.transport, cfg.gossip.mode, codec, self.topology, identity, roster, self.faults,
                         algorithm=cfg.gossip.algorithm, gamma=cfg.gossip.gamma, error_feedback=feedback,
                         initial=adapter_to_vector(self.model), secure=fixed, seed=cfg.run.seed * 100_003 + self.rank,
-                        min_present=cfg.secure.min_present)
+                        min_present=cfg.secure.min_present, robust=cfg.gossip.robust, byzantine=cfg.gossip.byzantine)
 
     def say(self, text: str) -> None:
         if self.loud:
@@ -253,7 +253,7 @@ class Peer:
         gossip_s = time.perf_counter() - start
         stats, consensus = result.stats, result.consensus
         vector_to_adapter(self.model, result.vector)
-        monitor_s = max(0.0, gossip_s - stats.codec_s - stats.crypto_s - stats.mask_s - stats.comm_s)  # mixing and monitoring
+        monitor_s = max(0.0, gossip_s - stats.codec_s - stats.crypto_s - stats.mask_s - stats.comm_s - stats.mix_s)  # monitoring
         record: dict[str, Any] = {"rank": self.rank, "round": round, "train_loss": train_loss, "compute_s": compute_s, **dataclasses.asdict(stats),
                                   "consensus": consensus, "consensus_target": result.target, "gossip_steps": result.steps,
                                   "monitor_s": monitor_s, "injected": self.faults.injected if self.faults else 0, "restart": restart}
