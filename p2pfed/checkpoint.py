@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import re
+import stat
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,11 @@ def local_key(directory: str | Path) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        info = os.fstat(fd)
         with os.fdopen(fd, "rb") as handle:
             key = handle.read(64)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            raise CheckpointError(f"{path}: checkpoint key must be a regular file of this user's, mode 0600; remove it to start afresh")
         if len(key) != 32:
             raise CheckpointError(f"{path}: checkpoint key of {len(key)} bytes, expected 32") from None
         return key
@@ -80,7 +85,7 @@ class Checkpoints:
         final = self.path(round)
         temporary = final.with_suffix(".tmp")
         with open(temporary, "wb") as handle:
-            handle.write(MAGIC + self._mac(body) + body)
+            handle.write(MAGIC + self._mac(round, body) + body)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, final)
@@ -103,25 +108,33 @@ class Checkpoints:
         """The state saved for `round`; CheckpointError if the file is incomplete, damaged or not ours."""
         body = self._verified_body(round)
         try:
-            return torch.load(io.BytesIO(body), weights_only=True)
+            state = torch.load(io.BytesIO(body), weights_only=True)
         except Exception as err:  # noqa: BLE001 - a body that authenticates but does not parse is still refused
             raise CheckpointError(f"{self.path(round)}: checkpoint does not load as tensors and plain types ({err})") from None
+        if not isinstance(state, dict) or state.get("round") != round:
+            raise CheckpointError(f"{self.path(round)}: holds the state of another round")
+        return state
 
-    def _mac(self, body: bytes) -> bytes:
-        return hmac.new(self.key, body, hashlib.sha256).digest()
+    def _mac(self, round: int, body: bytes) -> bytes:
+        """Keyed, and bound to the round: a file copied over another round's name does not verify."""
+        return hmac.new(self.key, MAGIC + struct.pack("<Q", round) + body, hashlib.sha256).digest()
 
     def _verified_body(self, round: int) -> bytes:
         """The file's body once its MAC matches; checking needs no unpickling."""
         path = self.path(round)
         try:
-            data = path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a symlink or a FIFO planted here is refused
+            with os.fdopen(fd, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise CheckpointError(f"{path}: not a regular file")
+                data = handle.read()
         except OSError as err:
-            raise CheckpointError(f"{path}: cannot read checkpoint ({err})") from None
+            raise CheckpointError(f"{path}: cannot read checkpoint ({err.strerror or err})") from None
         head = len(MAGIC) + 32
         if len(data) < head or not data.startswith(MAGIC):
             raise CheckpointError(f"{path}: not a complete p2pfed checkpoint (truncated header)")
         body = data[head:]
-        if not hmac.compare_digest(self._mac(body), data[len(MAGIC) : head]):
+        if not hmac.compare_digest(self._mac(round, body), data[len(MAGIC) : head]):
             raise CheckpointError(f"{path}: checkpoint is truncated, corrupted or not written by this peer (MAC mismatch)")
         return body
 
@@ -140,6 +153,17 @@ class Checkpoints:
 
 def agree_on_round(own: list[int], transport: Transport) -> int:
     """The newest round every peer holds a valid checkpoint for (0: start afresh)."""
-    everyone = [set(json.loads(b)) for b in transport.all_gather_bytes(json.dumps(own).encode())]
+    everyone = [rounds_of(b, rank) for rank, b in enumerate(transport.all_gather_bytes(json.dumps(own).encode(), max_length=1 << 16))]
     common = set.intersection(*everyone) if everyone else set()
     return max(common, default=0)
+
+
+def rounds_of(data: bytes, rank: int) -> set[int]:
+    """A peer's list of checkpoint rounds; CheckpointError naming it when it is not one."""
+    try:
+        rounds = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        rounds = None
+    if not isinstance(rounds, list) or len(rounds) > 1000 or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rounds):
+        raise CheckpointError(f"peer {rank} sent {data[:40]!r} as its checkpoint rounds, not a list of round numbers")
+    return set(rounds)

@@ -9,6 +9,8 @@ all peers take the same number of extra gossip steps without a coordinator.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,24 +21,35 @@ from p2pfed.secure import Purpose
 from p2pfed.secure.monitor import MaskedSum
 from p2pfed.transport import Transport
 
+log = logging.getLogger("p2pfed.consensus")
+
 
 def _sum(values: torch.Tensor, transport: Transport, masked: MaskedSum | None) -> torch.Tensor:
     """All peers' sum: plain, or (secure mode) of masked values so no one's own crosses the wire."""
     return transport.all_reduce_sum(values) if masked is None else masked.sum(values, transport)
 
 
-def exact_consensus_distance(vector: torch.Tensor, transport: Transport, masked: MaskedSum | None = None) -> float:
-    """Xi^2 over all peers, the same value on every peer."""
+def _plausible(value: float, what: str) -> float | None:
+    """A sum of squares some peer made negative or non-finite is a lie: None, and one log line.
+    (A lie within the plausible range cannot be told from the truth: monitoring trusts its peers.)"""
+    if math.isfinite(value) and value >= 0:
+        return value
+    log.warning("%s came out as %r, which no honest peers can produce: ignored this time", what, value)
+    return None
+
+
+def exact_consensus_distance(vector: torch.Tensor, transport: Transport, masked: MaskedSum | None = None) -> float | None:
+    """Xi^2 over all peers, the same value on every peer (None when a peer made it impossible)."""
     n = transport.world_size
     mean = _sum(vector.to(torch.float64), transport, masked) / n
     own = (vector.to(torch.float64) - mean).pow(2).sum().reshape(1)
-    return float(_sum(own, transport, masked)) / n
+    return _plausible(float(_sum(own, transport, masked)) / n, "the consensus distance")
 
 
-def mean_squared_norm(vector: torch.Tensor, transport: Transport, masked: MaskedSum | None = None) -> float:
+def mean_squared_norm(vector: torch.Tensor, transport: Transport, masked: MaskedSum | None = None) -> float | None:
     """(1/n) sum_i ||x_i||^2: the scale a relative consensus target is read against."""
     own = vector.to(torch.float64).pow(2).sum().reshape(1)
-    return float(_sum(own, transport, masked)) / transport.world_size
+    return _plausible(float(_sum(own, transport, masked)) / transport.world_size, "the mean squared norm")
 
 
 def consensus_distance_of(vectors: list[torch.Tensor]) -> float:
@@ -70,8 +83,9 @@ def gossip_round(averager: Averager, vector: torch.Tensor, round: int, transport
     distance = exact_consensus_distance(vector, transport, masked) if measure or control else None
     target = None
     if control:
-        target = section.target * (mean_squared_norm(vector, transport, masked) if section.relative else 1.0)
-        while distance is not None and distance > target and len(steps) < section.max_steps:
+        scale = mean_squared_norm(vector, transport, masked) if section.relative else 1.0
+        target = None if scale is None else section.target * scale
+        while distance is not None and target is not None and distance > target and len(steps) < section.max_steps:
             vector, stats = averager.average(vector, round, len(steps), Purpose.CONSENSUS)
             steps.append(stats)
             distance = exact_consensus_distance(vector, transport, masked)

@@ -120,7 +120,7 @@ class Roster:
             unsafe = check_public_keys(signing, agreement)
             if unsafe:
                 raise IdentityError(f"{path}: peers[{index}] (rank {rank}): {unsafe}")
-            for key in (signing, agreement):
+            for key in (signing, agreement[:31] + bytes([agreement[31] & 0x7F])):  # X25519 ignores bit 255
                 if key in seen:
                     raise IdentityError(f"{path}: rank {rank} reuses a public key of rank {seen[key]}; every peer needs its own keys")
                 seen[key] = rank
@@ -161,7 +161,12 @@ def keygen(peers: int, out: str | Path, overwrite: bool = False) -> Path:
     for identity in identities:
         write_identity(identity, out / f"peer{identity.rank}.pem")
     roster = out / "roster.json"
-    roster.write_text(Roster({i.rank: i.public() for i in identities}).to_json(), encoding="utf-8")
+    temporary = out / "roster.json.tmp"
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(Roster({i.rank: i.public() for i in identities}).to_json())
+    os.replace(temporary, roster)  # replaces a planted symlink itself, never writes through it
     return roster
 
 

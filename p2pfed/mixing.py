@@ -7,7 +7,9 @@ round; a neighbour missing from it gives its weight back to the peer's own term.
 The robust rules bound what a Byzantine neighbour (valid key, harmful adapter) can do:
 - ClippedGossip (He, Karimireddy, Jaggi 2022): x_i + sum_j W_ij clip(x_j - x_i, tau_i),
   self-centred clipping; tau_i adapts each round so that the `byzantine` farthest
-  neighbours are clipped to the distance of the next one.
+  neighbours are clipped to the distance of the next one. Each round's pull of an attacker
+  is bounded, not removed: an attacker pushing the same way every round still drifts the
+  honest mean by up to W_ij tau_i per round.
 - Coordinate-wise trimmed mean and median over the peer's own value and its neighbours'.
 They need individual values, so they do not combine with secure mode (which sums masked
 messages) or CHOCO (which mixes public copies).
@@ -106,7 +108,9 @@ def check_tolerance(robust: str, byzantine: int, degrees: dict[int, int], source
     """Refuse, with a sentence, a graph where some peer's neighbourhood cannot outvote `byzantine` attackers."""
     if robust == "none":
         return
-    need = byzantine + 1 if robust == "clip" else 2 * byzantine
+    # honest neighbours must outnumber the attackers: clipping takes its radius from them, and a
+    # trimmed mean or median of own + d values needs honest values on both sides after trimming
+    need = 2 * byzantine + 1 if robust == "clip" else 2 * byzantine + 2
     for rank, degree in sorted(degrees.items()):
         if degree < need:
             raise ConfigError(f"[gossip] robust = '{robust}' with byzantine = {byzantine}: peer {rank} hears only {degree} neighbours on "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -32,10 +33,10 @@ from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round, iden
 from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
 from p2pfed.probe import probe_exchange
-from p2pfed.secure import FixedPoint
+from p2pfed.secure import FixedPoint, SecureError
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
 from p2pfed.train import BlockSampler, LocalTrainer, evaluate
-from p2pfed.transport import TorchTransport, Transport, TransportTimeout
+from p2pfed.transport import TorchTransport, Transport, TransportRefused, TransportTimeout
 
 log = logging.getLogger("p2pfed.peer")
 
@@ -366,10 +367,34 @@ def run(config: Config, transport: Transport, device: torch.device) -> dict[str,
         Path(config.run.out).mkdir(parents=True, exist_ok=True)
         save_config(config, Path(config.run.out) / "config.json")
     row = peer.run()
-    rows = [json.loads(b) for b in transport.all_gather_bytes(json.dumps(row).encode())]
+    rows = [summary_row(b, rank, row) for rank, b in enumerate(transport.all_gather_bytes(json.dumps(row).encode()))]
     if peer.rank == 0:
         write_summary(config, rows, peer.samples(), peer.topology, time.perf_counter() - started)
     return row
+
+
+def summary_row(data: bytes, rank: int, own: dict[str, Any]) -> dict[str, Any]:
+    """Another peer's summary row, kept only as numbers under the keys this peer's own row has
+    (what it sent is hostile: text would land in summary.md); anything else becomes None."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raw = None
+    if not isinstance(raw, dict):
+        log.warning("peer %d's summary row is not a JSON object; its columns are left empty", rank)
+        raw = {}
+    numeric = lambda v: v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None  # noqa: E731
+    row = {key: numeric(raw.get(key)) if not isinstance(value, bool) else bool(raw.get(key)) for key, value in own.items()}
+    row["rank"] = rank
+    for key, value in own.items():  # columns the tables add up must stay numbers
+        if row[key] is None and isinstance(value, (int, float)) and key in SUMMED:
+            row[key] = 0
+    return row
+
+
+SUMMED = ("bytes_per_round", "bytes_total", "rejected", "injected", "dropouts", "abandoned", "inconsistent", "clipped",
+          "compute_s_per_round", "codec_s_per_round", "crypto_s_per_round", "comm_s_per_round", "mask_s_per_round",
+          "round_s", "gossip_steps")
 
 
 def _stop_on_signals(peer: Peer) -> None:
@@ -415,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as err:
         print(f"p2pfed peer {rank}: {err}", file=sys.stderr)
         return 130
-    except (ConfigError, TopologyError, DataError, ModelError, IdentityError, TransportTimeout, CheckpointError) as err:
+    except (ConfigError, TopologyError, DataError, ModelError, IdentityError, TransportTimeout, TransportRefused, CheckpointError,
+            SecureError) as err:
         print(f"p2pfed peer {rank}: {err}", file=sys.stderr)
         return 1
     return 0

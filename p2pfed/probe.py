@@ -59,12 +59,26 @@ def probe_exchange(averager: Averager, transport: TorchTransport, vector: torch.
         receivers = averager.topology.out_neighbours(rank, round)
         senders = averager.topology.in_neighbours(rank, round)
         mine = stats.bytes_sent // max(1, len(receivers))
-        # every receiver must expect the size its senders send: all use the largest
-        size = max(int(b.decode()) for b in transport.all_gather_bytes(str(mine).encode()))
+        # every receiver must expect the size its senders send: all use the largest that any
+        # envelope of this exchange could weigh (a peer cannot make the others allocate more)
+        size = agreed_size(transport.all_gather_bytes(mine.to_bytes(8, "little"), max_length=8), mine, largest_envelope(averager, vector))
         transport.barrier()
         bare_times.append(transport.bare_exchange(size, receivers, senders))
     plain = statistics.median(plain_times) if plain_times else None
     return ExchangeProbe(statistics.median(gossip_times), statistics.median(bare_times), size, probes, plain)
+
+
+def largest_envelope(averager: Averager, vector: torch.Tensor) -> int:
+    """The most bytes one message of this exchange can weigh (secure data carries shares too)."""
+    from p2pfed.wire import OVERHEAD
+
+    return OVERHEAD + averager.codec.max_payload(vector.numel()) + 64 * (averager.topology.n if averager.topology else 1) + 64
+
+
+def agreed_size(gathered: list[bytes], mine: int, bound: int) -> int:
+    """The largest size announced, each read as 8 little-endian bytes and capped at `bound`."""
+    sizes = [int.from_bytes(b, "little") if len(b) == 8 else mine for b in gathered]
+    return max(min(size, bound) for size in sizes)
 
 
 def plain_twin(averager: Averager) -> Averager | None:

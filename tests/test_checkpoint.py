@@ -100,10 +100,28 @@ def test_even_an_authentic_checkpoint_is_read_as_tensors_only(tmp_path):
     checkpoints = Checkpoints(tmp_path / "peer0", KEY)
     checkpoints.directory.mkdir(parents=True)
     body = planted_body(marker)
-    checkpoints.path(7).write_bytes(MAGIC + checkpoints._mac(body) + body)  # say the key leaked
+    checkpoints.path(7).write_bytes(MAGIC + checkpoints._mac(7, body) + body)  # say the key leaked
     with pytest.raises(CheckpointError, match="tensors and plain types"):
         checkpoints.load(7)
     assert not marker.exists()
+
+
+def test_a_checkpoint_copied_over_another_rounds_name_or_a_fifo_is_refused(tmp_path):
+    checkpoints = Checkpoints(tmp_path / "peer0", KEY)
+    checkpoints.save(3, state(3))
+    checkpoints.save(4, state(4))
+    checkpoints.path(4).write_bytes(checkpoints.path(3).read_bytes())  # round 3's file under round 4's name
+    assert checkpoints.valid_rounds() == [3]
+    os.mkfifo(checkpoints.directory / "round-000009.pt")  # would block a plain read forever
+    assert checkpoints.valid_rounds() == [3]
+
+
+def test_a_planted_local_key_is_refused(tmp_path):
+    (tmp_path / "peer0").mkdir()
+    (tmp_path / "peer0" / "mac.key").write_bytes(bytes(32))
+    os.chmod(tmp_path / "peer0" / "mac.key", 0o644)
+    with pytest.raises(CheckpointError, match="mode 0600"):
+        local_key(tmp_path / "peer0")
 
 
 def test_another_peers_key_does_not_open_a_checkpoint(tmp_path):

@@ -198,3 +198,79 @@ def test_the_fuzzer_reached_every_layer():
     if not FUZZED:
         pytest.skip("run together with the fuzz test")
     assert {"length", "malformed", "wrong_receiver", "codec"} <= set(FUZZED), FUZZED
+
+
+def gather_with_a_liar(function, honest: bytes, lie: bytes, world: int = 3):
+    """Run `function(transport)` on every peer, peer 2 contributing `lie` to its one all-gather."""
+    hub = LocalHub(world, timeout_s=5)
+    outcome: dict = {}
+
+    class Lying:
+        def __init__(self, inner):
+            self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
+
+        def all_gather_bytes(self, data, max_length=None):
+            return self.inner.all_gather_bytes(lie, max_length)
+
+    def peer(rank):
+        transport = hub.transport(rank) if rank != 2 else Lying(hub.transport(rank))
+        try:
+            outcome[rank] = function(transport)
+        except Exception as err:  # noqa: BLE001
+            outcome[rank] = err
+
+    threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return outcome
+
+
+@pytest.mark.parametrize("lie", [b"5", b"[[4]]", b"not json", b"[" * 5000, b"\xff", b'{"4": 1}'])
+def test_a_malformed_checkpoint_round_list_stops_start_up_with_a_sentence_naming_the_peer(lie):
+    from p2pfed.checkpoint import CheckpointError, agree_on_round
+
+    outcome = gather_with_a_liar(lambda t: agree_on_round([4, 5], t), b"", lie)
+    assert all(isinstance(outcome[r], CheckpointError) and "peer 2 sent" in str(outcome[r]) for r in (0, 1))
+
+
+def test_a_crafted_summary_row_keeps_only_numbers_under_known_columns():
+    from p2pfed.peer import summary_row
+
+    own = {"rank": 0, "global_ppl_after": 40.0, "bytes_per_round": 100.0, "rejected": 0, "bytes_estimated": False}
+    crafted = b'{"rank": 7, "global_ppl_after": "# [click](http://evil)", "bytes_per_round": 1e400, "extra": "| forged |"}'
+    assert summary_row(crafted, 2, own) == {"rank": 2, "global_ppl_after": None, "bytes_per_round": 0, "rejected": 0, "bytes_estimated": False}
+    assert summary_row(b"[", 2, own)["bytes_per_round"] == 0
+
+
+def test_the_probe_size_a_peer_announces_is_capped_at_the_largest_envelope():
+    from p2pfed.probe import agreed_size
+
+    assert agreed_size([(100).to_bytes(8, "little"), (99999999999999).to_bytes(8, "little"), b"abc"], 100, 5000) == 5000
+    assert agreed_size([(100).to_bytes(8, "little"), (300).to_bytes(8, "little")], 100, 5000) == 300
+
+
+@pytest.mark.parametrize("lie", [2**60, -(2**60)])
+def test_a_monitoring_sum_no_honest_peers_can_produce_is_ignored(lie):
+    from p2pfed.consensus import exact_consensus_distance
+
+    class Liar:
+        def __init__(self, inner, offset):
+            self.inner, self.rank, self.world_size, self.offset = inner, inner.rank, inner.world_size, offset
+
+        def all_reduce_sum(self, tensor):
+            return self.inner.all_reduce_sum(tensor + self.offset if tensor.numel() == 1 else tensor)
+
+    hub = LocalHub(3, timeout_s=5)
+    results = {}
+
+    def peer(rank):
+        transport = hub.transport(rank) if rank != 2 else Liar(hub.transport(rank), float(lie))
+        results[rank] = exact_consensus_distance(torch.full((4,), float(rank)), transport)
+
+    threads = [threading.Thread(target=peer, args=(r,)) for r in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    if lie < 0:
+        assert results[0] is None and results[1] is None
+    else:
+        assert results[0] > 1e17  # a positive lie is indistinguishable from a far-apart network (README says so)
