@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +24,7 @@ from p2pfed.config import ConfigError
 from p2pfed.faults import FaultInjector
 from p2pfed.identity import Identity, Roster
 from p2pfed.mixing import build_rule, check_tolerance
+from p2pfed.roundstats import RoundStats  # noqa: F401 - re-exported: metrics lines are built from it
 from p2pfed.topology import Topology
 from p2pfed.secure import FixedPoint, Purpose, SecureError, check_secure_topology, establish_session
 from p2pfed.secure import protocol as secure_phases
@@ -33,62 +33,6 @@ from p2pfed.transport import Transport, TransportTimeout
 from p2pfed.wire import OVERHEAD, Verifier, WireError, seal
 
 log = logging.getLogger("p2pfed.gossip")
-
-
-@dataclass
-class RoundStats:
-    """What one averaging round cost and what it refused."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    bytes_estimated: bool = False
-    bytes_fp32: int = 0
-    """What the same messages would have weighed as uncompressed fp32 envelopes."""
-    codec_s: float = 0.0
-    crypto_s: float = 0.0
-    """Signing and verifying."""
-    comm_s: float = 0.0
-    neighbours: list[int] = field(default_factory=list)
-    rejected: dict[str, int] = field(default_factory=dict)
-    mask_s: float = 0.0
-    """Secure mode: generating pairwise masks (ChaCha20)."""
-    mix_s: float = 0.0
-    """Combining the adapters heard (the mixing rule)."""
-    clipped: int = 0
-    """Secure mode: values clipped to the fixed-point bound."""
-    dropouts: int = 0
-    """Secure mode: senders missing from the sum whose masks were removed by recovery."""
-    abandoned: bool = False
-    """Secure mode: the sum could not be completed, so this peer kept its own adapter."""
-    inconsistent: int = 0
-    """Secure mode: receivers this peer released nothing to, because their helpers did not
-    all sign the same survivor list (a receiver lying about who is present)."""
-    local_consensus: float | None = None
-    """(1/2) sum_j W_ij ||x_i - x_j||^2 over the neighbours heard (free; before mixing). Its
-    mean over peers is Xi^2 exactly for a complete graph with uniform weights."""
-
-
-    @staticmethod
-    def combine(steps: list["RoundStats"]) -> "RoundStats":
-        """One round's totals over its gossip steps (the local estimate is the first step's)."""
-        total = RoundStats(neighbours=steps[0].neighbours, local_consensus=steps[0].local_consensus,
-                           bytes_estimated=steps[0].bytes_estimated)
-        for s in steps:
-            total.bytes_sent += s.bytes_sent
-            total.bytes_received += s.bytes_received
-            total.bytes_fp32 += s.bytes_fp32
-            total.codec_s += s.codec_s
-            total.crypto_s += s.crypto_s
-            total.comm_s += s.comm_s
-            total.mask_s += s.mask_s
-            total.mix_s += s.mix_s
-            total.clipped += s.clipped
-            total.dropouts += s.dropouts
-            total.inconsistent += s.inconsistent
-            total.abandoned = total.abandoned or s.abandoned
-            for reason, count in s.rejected.items():
-                total.rejected[reason] = total.rejected.get(reason, 0) + count
-        return total
 
 
 class Averager:
