@@ -174,7 +174,7 @@ FUZZED: dict[str, int] = {}
 """Refusal reasons the fuzzer provoked, over all examples (the last test checks it reached the decoders)."""
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=PLAN, secure=st.booleans(), graph=st.sampled_from([("ring.toml", 3), ("torus.toml", 6)]))
 def test_fuzzed_messages_of_every_phase_never_escape_a_round_and_honest_peers_go_on(plan, secure, graph):
     topology_file, world = graph

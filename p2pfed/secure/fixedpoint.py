@@ -48,13 +48,29 @@ class FixedPoint:
 
     def encode(self, values: torch.Tensor, generator: torch.Generator) -> tuple[np.ndarray, int]:
         """(uint32 words, how many values were clipped)."""
-        values = values.detach().to("cpu", torch.float64)
-        clipped = int((values.abs() > self.bound).sum())
-        scaled = values.clamp(-self.bound, self.bound) * self.scale
-        noise = torch.rand(scaled.shape, generator=generator, dtype=torch.float64)
-        integers = torch.floor(scaled + noise).to(torch.int64)
-        return (integers.numpy() & 0xFFFFFFFF).astype(np.uint32), clipped
+        return self.encode_weighted(values, {0: 1.0}, generator)[0]
+
+    def encode_weighted(self, values: torch.Tensor, weights: dict[int, float], generator: torch.Generator) -> dict[int, tuple[np.ndarray, int]]:
+        """enc(w * values) for each receiver's weight w. One float64 copy and one draw of
+        rounding noise serve every receiver (each sum is still rounded without bias), and
+        receivers with equal weights share one encoding: treat the words as read-only."""
+        base = values.detach().to("cpu", torch.float64).reshape(-1).numpy()
+        noise = torch.rand(base.shape, generator=generator, dtype=torch.float64).numpy()
+        encoded: dict[float, tuple[np.ndarray, int]] = {}
+        for weight in dict.fromkeys(weights.values()):
+            encoded[weight] = self._scaled(base, weight, noise)
+        return {i: encoded[w] for i, w in weights.items()}
+
+    def _scaled(self, base: np.ndarray, weight: float, noise: np.ndarray) -> tuple[np.ndarray, int]:
+        limit = self.bound * self.scale
+        scaled = base * (weight * self.scale)
+        clipped = int(np.count_nonzero((scaled > limit) | (scaled < -limit)))
+        np.clip(scaled, -limit, limit, out=scaled)
+        scaled += noise
+        np.floor(scaled, out=scaled)
+        return scaled.astype(np.int64).astype(np.uint32), clipped  # int64 -> uint32 wraps mod 2^32
 
     def decode(self, words: np.ndarray) -> torch.Tensor:
         """Signed reading of uint32 words, back to floats."""
-        return torch.from_numpy(words.astype(np.uint32).view(np.int32).astype(np.float64) / self.scale).to(torch.float32)
+        signed = np.ascontiguousarray(words, dtype=np.uint32).view(np.int32)
+        return torch.from_numpy(signed * (1.0 / self.scale)).to(torch.float32)

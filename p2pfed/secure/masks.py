@@ -34,7 +34,7 @@ def derive(secret: bytes, label: bytes, context: Context, extra: bytes = b"") ->
 def prg_words(key: bytes, count: int) -> np.ndarray:
     """`count` uint32 words of ChaCha20 keystream; every key is derived for one use only."""
     encryptor = Cipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
-    return np.frombuffer(encryptor.update(bytes(4 * count)), dtype="<u4").astype(np.uint32)
+    return np.frombuffer(encryptor.update(bytes(4 * count)), dtype="<u4")  # read-only: callers add, never write
 
 
 def self_mask(seed: bytes, context: Context, count: int) -> np.ndarray:

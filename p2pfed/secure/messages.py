@@ -65,7 +65,7 @@ class Data:
 
 def encode_data(words: np.ndarray, commitment: bytes, sealed_shares: list[bytes]) -> bytes:
     """Masked words, seed commitment, then the seed's sealed shares in holder order."""
-    return words.astype("<u4").tobytes() + commitment + b"".join(sealed_shares)
+    return b"".join([np.ascontiguousarray(words, dtype="<u4").tobytes(), commitment, *sealed_shares])
 
 
 def data_length(count: int, holders: int) -> int:
@@ -76,7 +76,7 @@ def decode_data(payload: bytes, count: int, holders: list[int]) -> Data:
     """The parts of a data message, its length checked first."""
     if len(payload) != data_length(count, len(holders)):
         raise SecureError(f"masked message of {len(payload)} bytes, expected {data_length(count, len(holders))}", "malformed")
-    words = np.frombuffer(payload, dtype="<u4", count=count).astype(np.uint32)
+    words = np.frombuffer(payload, dtype="<u4", count=count)  # read-only view of the payload
     start = 4 * count + COMMITMENT_SIZE
     sealed = {k: payload[start + n * SEALED_SHARE_SIZE: start + (n + 1) * SEALED_SHARE_SIZE] for n, k in enumerate(holders)}
     return Data(words, payload[4 * count: start], sealed)
@@ -113,7 +113,7 @@ def release_length(owners: int, count: int, corrects: bool) -> int:
 
 def encode_release(shares: list[bytes], correction: np.ndarray | None) -> bytes:
     """A helper's shares of the present senders' seeds, then (if any sender is missing) its correction."""
-    return b"".join(shares) + (b"" if correction is None else correction.astype("<u4").tobytes())
+    return b"".join([*shares, b"" if correction is None else np.ascontiguousarray(correction, dtype="<u4").tobytes()])
 
 
 def decode_release(payload: bytes, owners: list[int], count: int, corrects: bool) -> tuple[dict[int, bytes], np.ndarray | None]:
@@ -122,5 +122,5 @@ def decode_release(payload: bytes, owners: list[int], count: int, corrects: bool
         raise SecureError(f"release of {len(payload)} bytes, expected {release_length(len(owners), count, corrects)}", "malformed")
     shares = {j: payload[n * SHARE_SIZE: (n + 1) * SHARE_SIZE] for n, j in enumerate(owners)}
     start = SHARE_SIZE * len(owners)
-    correction = np.frombuffer(payload, dtype="<u4", count=count, offset=start).astype(np.uint32) if corrects else None
+    correction = np.frombuffer(payload, dtype="<u4", count=count, offset=start) if corrects else None
     return shares, correction

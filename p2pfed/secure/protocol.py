@@ -140,13 +140,15 @@ def send_data(nb: Neighbourhood, state: Exchange, values: torch.Tensor) -> dict[
     """Phase 1, as a sender: for each receiver, masked words, seed commitment, sealed shares."""
     me, round, out = nb.rank, state.round, {}
     weights = nb.topology.weights(round)
-    for i in nb.topology.out_neighbours(me, round):
+    receivers = nb.topology.out_neighbours(me, round)
+    encoded = nb.fixed.encode_weighted(values, {i: float(weights[i, me]) for i in receivers}, nb.generator)
+    for i in receivers:
         context, senders = state.context(i), nb.topology.in_neighbours(i, round)
-        words, clipped = nb.fixed.encode(values * float(weights[i, me]), nb.generator)
+        plain_words, clipped = encoded[i]
         state.cost.clipped += clipped
         start = time.perf_counter()
         seed = os.urandom(SEED_SIZE)  # fresh per context, never stored
-        words += self_mask(seed, context, state.count) + nb.masks.mask(context, senders, state.count)
+        words = plain_words + self_mask(seed, context, state.count) + nb.masks.mask(context, senders, state.count)
         holders = [k for k in senders if k != me]
         shares = split_seed(seed, len(holders), threshold(len(senders)))
         sealed = [seal_share(nb.masks.share_key(k, context), s, context, me, k) for k, s in zip(holders, shares)]
