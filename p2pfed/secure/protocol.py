@@ -169,7 +169,7 @@ def max_data_payload(nb: Neighbourhood, state: Exchange) -> int:
 def choose_survivors(nb: Neighbourhood, state: Exchange, channel: Channel, heard: dict[int, tuple[int, bytes]],
                      arrived: set[int]) -> dict[int, bytes]:
     """Phase 2, as a receiver: who is present and who helps; each helper's list and shares."""
-    me, senders = nb.rank, nb.topology.in_neighbours(nb.rank, state.round)
+    senders = nb.topology.in_neighbours(nb.rank, state.round)
     for j, (kind, payload) in sorted(heard.items()):
         if kind != nb.data_kind:
             channel.refuse(j, SecureError(f"peer {j} abstained", "abstain"))
