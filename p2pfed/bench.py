@@ -254,13 +254,11 @@ def robust_figures(row: Row, run_dir: Path) -> dict[str, Any]:
 
 def check_cell(base: str, overrides: list[str]) -> None:
     """ConfigError, before any process starts, for a rule whose graph cannot tolerate its attackers."""
-    from p2pfed.mixing import check_tolerance
+    from p2pfed.mixing import check_topology
     from p2pfed.topology import load_topology
 
     config = load_config(ROOT / base, overrides)
-    topology = load_topology(ROOT / config.gossip.topology, config.run.peers)
-    degrees = {i: min(len(topology.in_neighbours(i, e)) for e in range(topology.period)) for i in range(topology.n)}
-    check_tolerance(config.gossip.robust, config.gossip.byzantine, degrees, config.gossip.topology)
+    check_topology(config.gossip.robust, config.gossip.byzantine, load_topology(ROOT / config.gossip.topology, config.run.peers))
 
 
 def worst_for_clipping(results: list[dict[str, Any]]) -> str | None:

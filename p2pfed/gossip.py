@@ -23,7 +23,7 @@ from p2pfed.codec import Codec, CodecError, Decoded, ErrorFeedback, StochasticIn
 from p2pfed.config import ConfigError
 from p2pfed.faults import FaultInjector
 from p2pfed.identity import Identity, Roster
-from p2pfed.mixing import build_rule, check_tolerance
+from p2pfed.mixing import build_rule, check_topology
 from p2pfed.roundstats import RoundStats  # noqa: F401 - re-exported: metrics lines are built from it
 from p2pfed.topology import Topology
 from p2pfed.secure import FixedPoint, Purpose, SecureError, check_secure_topology, establish_session
@@ -62,8 +62,7 @@ class Averager:
         self.feedback = ErrorFeedback(codec) if self.stateful else None
         self.rule = build_rule(robust, byzantine)
         if mode == "gossip" and topology is not None:
-            degrees = {i: min(len(topology.in_neighbours(i, e)) for e in range(topology.period)) for i in range(topology.n)}
-            check_tolerance(robust, byzantine, degrees, topology.source)
+            check_topology(robust, byzantine, topology)
         self.initial = initial
         """The common starting adapter: every public copy starts there (zeros if not given)."""
         self.last_sent: torch.Tensor | None = None
@@ -223,10 +222,10 @@ class Averager:
         present = state.survivors.present if state.survivors is not None else ()
         weights = self.topology.weights(round)[self.rank]
         self_weight = 1.0 - sum(float(weights[j]) for j in present)
-        mixed = vector.clone()
         if chosen is None:
             mixed = vector * self_weight + total
         else:
+            mixed = vector.clone()
             mixed[chosen] = values * self_weight + total
         stats.codec_s += time.perf_counter() - start
         return mixed, stats

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from p2pfed.config import ConfigError
+from p2pfed.topology import Topology
 
 ROBUST_RULES = ("none", "clip", "trimmed", "median")
 
@@ -102,6 +103,12 @@ def build_rule(robust: str, byzantine: int) -> MixingRule:
     if robust == "median":
         return CoordinateMedian(byzantine)
     return WeightedAverage()
+
+
+def check_topology(robust: str, byzantine: int, topology: Topology) -> None:
+    """`check_tolerance` on each peer's fewest senders over the topology's schedule."""
+    degrees = {i: min(len(topology.in_neighbours(i, e)) for e in range(topology.period)) for i in range(topology.n)}
+    check_tolerance(robust, byzantine, degrees, topology.source)
 
 
 def check_tolerance(robust: str, byzantine: int, degrees: dict[int, int], source: str) -> None:

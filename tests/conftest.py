@@ -57,6 +57,17 @@ def join_gloo_group(rank: int, world: int, store: str, timeout_s: float | None =
     return transport, keys[rank], Roster({k.rank: k.public() for k in keys})
 
 
+def on_threads(target, world_size: int) -> None:
+    """Run `target(rank)` for every rank on its own thread (in-process peers) and wait for all."""
+    import threading
+
+    threads = [threading.Thread(target=target, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def identities(world_size: int):
     """Fresh keys for `world_size` peers and their roster (in memory)."""
     from p2pfed.identity import Roster, generate

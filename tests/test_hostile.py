@@ -7,7 +7,6 @@ mode; NaN spreading to every peer with nothing refused)."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import identities
+from conftest import identities, on_threads
 from p2pfed.codec import build_codec
 from p2pfed.config import FaultSection
 from p2pfed.faults import FaultInjector
@@ -56,9 +55,7 @@ def rounds(world: int, topology_file: str, hostile: int, kind: str | None = None
         except Exception as err:  # noqa: BLE001 - the test asserts none escapes an honest peer
             errors[rank] = err
 
-    threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    on_threads(peer, world)
     return history, errors, topology
 
 
@@ -104,9 +101,7 @@ def test_an_all_gather_length_beyond_its_bound_is_refused_naming_the_peer():
         except TransportRefused as err:
             errors[rank] = str(err)
 
-    threads = [threading.Thread(target=peer, args=(r,)) for r in range(3)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    on_threads(peer, 3)
     assert sorted(errors) == [0, 1, 2] and all("peer 2 announced 1099511627776 bytes" in e for e in errors.values())
 
 
@@ -219,9 +214,7 @@ def gather_with_a_liar(function, honest: bytes, lie: bytes, world: int = 3):
         except Exception as err:  # noqa: BLE001
             outcome[rank] = err
 
-    threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    on_threads(peer, world)
     return outcome
 
 
@@ -267,9 +260,7 @@ def test_a_monitoring_sum_no_honest_peers_can_produce_is_ignored(lie):
         transport = hub.transport(rank) if rank != 2 else Liar(hub.transport(rank), float(lie))
         results[rank] = exact_consensus_distance(torch.full((4,), float(rank)), transport)
 
-    threads = [threading.Thread(target=peer, args=(r,)) for r in range(3)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    on_threads(peer, 3)
     if lie < 0:
         assert results[0] is None and results[1] is None
     else:

@@ -2,13 +2,12 @@
 and median per coordinate; settings that cannot tolerate the declared attackers are refused;
 and on a ring under a scaled-adapter attack, clipping keeps honest peers near the honest mean."""
 
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import identities
+from conftest import identities, on_threads
 from p2pfed.codec import get_codec
 from p2pfed.config import ConfigError, FaultSection, load_config
 from p2pfed.faults import FaultInjector
@@ -72,9 +71,7 @@ def run_graph(robust: str, kind: str | None, rounds: int = 5):
             x, _ = averager.average(x, t)
         finals[rank] = x
 
-    threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    on_threads(peer, world)
     return finals
 
 

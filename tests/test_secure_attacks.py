@@ -13,14 +13,13 @@ masks use fresh random seeds, so the threshold leaves no room for a chance failu
 from __future__ import annotations
 
 import itertools
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import identities
+from conftest import identities, on_threads
 from p2pfed.codec import build_codec
 from p2pfed.config import FaultSection
 from p2pfed.faults import FaultInjector
@@ -91,9 +90,7 @@ def run(values, keys, roster, rewrite=None, flip_peer: int | None = None, min_pr
                             min_present=min_present)
         results[rank] = averager.average(values[rank], 0)
 
-    threads = [threading.Thread(target=peer, args=(r,)) for r in range(WORLD)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    on_threads(peer, WORLD)
     return topology, taps[RECEIVER], results
 
 
@@ -241,9 +238,7 @@ def test_an_averager_refuses_to_exchange_the_same_round_twice_in_one_session():
         except SecureError as err:
             errors[rank] = str(err)
 
-    threads = [threading.Thread(target=peer, args=(r,)) for r in range(3)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    on_threads(peer, 3)
     assert sorted(errors) == [0, 1, 2] and all("reuse its masks" in e for e in errors.values())
 
 
@@ -324,9 +319,7 @@ def test_consensus_monitoring_in_secure_mode_hands_the_network_only_masked_words
         averager = Averager(transport, "gossip", build_codec("fp32"), topology, keys[rank], roster, secure=FIXED, seed=rank)
         distances[rank] = exact_consensus_distance(values[rank], transport, averager.monitor())
 
-    threads = [threading.Thread(target=peer, args=(r,)) for r in range(WORLD)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    on_threads(peer, WORLD)
     expected = consensus_distance_of([values[r] for r in range(WORLD)])
     assert all(abs(d - expected) <= 1e-6 * expected for d in distances.values())
     for rank, tensors in handed.items():

@@ -31,10 +31,11 @@ def derive(secret: bytes, label: bytes, context: Context, extra: bytes = b"") ->
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=KEY_SALT, info=label + context.encode() + extra).derive(secret)
 
 
-def prg_words(key: bytes, count: int) -> np.ndarray:
-    """`count` uint32 words of ChaCha20 keystream; every key is derived for one use only."""
+def prg_words(key: bytes, count: int, width: int = 4) -> np.ndarray:
+    """`count` little-endian words of `width` bytes (4 or 8) of ChaCha20 keystream; every key
+    is derived for one use only. Read-only: callers add, never write."""
     encryptor = Cipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
-    return np.frombuffer(encryptor.update(bytes(4 * count)), dtype="<u4")  # read-only: callers add, never write
+    return np.frombuffer(encryptor.update(bytes(width * count)), dtype=f"<u{width}")
 
 
 def self_mask(seed: bytes, context: Context, count: int) -> np.ndarray:

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from p2pfed.secure.masks import PairwiseMasks, derive
+from p2pfed.secure.masks import PairwiseMasks, derive, prg_words
 from p2pfed.secure.session import Context, Purpose
 
 SCALE = 2.0**32
-_ZERO_NONCE = bytes(16)
 
 
 class Summing:
@@ -28,11 +26,6 @@ class Summing:
     world_size: int
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
-
-
-def prg_words64(key: bytes, count: int) -> np.ndarray:
-    encryptor = Cipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
-    return np.frombuffer(encryptor.update(bytes(8 * count)), dtype="<u8").astype(np.uint64)
 
 
 @dataclass
@@ -53,7 +46,7 @@ class MaskedSum:
         me = self.masks.rank
         for k in range(self.world_size):
             if k != me:
-                stream = prg_words64(derive(self.masks.secret(k), b"monitor", context), words.size)
+                stream = prg_words(derive(self.masks.secret(k), b"monitor", context), words.size, width=8)
                 words = words + stream if me < k else words - stream  # uint64 arithmetic wraps mod 2^64
         total = transport.all_reduce_sum(torch.from_numpy(words.view(np.int64)))
         return (torch.from_numpy(total.numpy().astype(np.int64).astype(np.float64)) / SCALE).reshape(values.shape)

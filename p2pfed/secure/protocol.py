@@ -72,7 +72,6 @@ class SecureCost:
     mask_s: float = 0.0
     clipped: int = 0
     dropouts: int = 0
-    abandoned: bool = False
     inconsistent: int = 0
     """Receivers this peer released nothing to: their lists were not signed alike by all helpers."""
 
