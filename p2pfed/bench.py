@@ -19,6 +19,7 @@ from typing import Any
 
 from p2pfed.config import ConfigError, config_from_dict, load_config
 from p2pfed.metrics import mean_of, read_metrics
+from p2pfed.provenance import code_version, read_code_version, same_clean_code
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +174,7 @@ class BenchRun:
         overrides = [f"run.out={run_dir}", *common, *row.overrides]
         print(f"[bench] {group} {index}/{total} {row.name}: {' '.join(row.overrides) or '(base config)'}", flush=True)
         wanted = load_config(ROOT / base, overrides).to_dict()
-        finished = None if self.fresh else find_finished_run(self.out / "runs", wanted)
+        finished = None if self.fresh else find_finished_run(self.out / "runs", wanted, code_version())
         if finished is not None:
             print(f"    reusing the finished run of the identical config in {finished} (--fresh to run it again)", flush=True)
             return finished
@@ -249,7 +250,7 @@ def robust_figures(row: Row, run_dir: Path) -> dict[str, Any]:
     peers = summary["peers_table"]
     return {"name": row.name, "cell": list(row.cell or ()), "overrides": list(row.overrides), "run_dir": str(run_dir),
             "wall_s": summary["wall_s"], "honest_ppl": honest_ppl(summary, config), "rejected": sum(p["rejected"] for p in peers),
-            "probe_gossip_s": mean_of(peers, "probe_gossip_s"), "config": config}
+            "probe_gossip_s": mean_of(peers, "probe_gossip_s"), "config": config, "code": read_code_version(run_dir)}
 
 
 def check_cell(base: str, overrides: list[str]) -> None:
@@ -268,14 +269,15 @@ def worst_for_clipping(results: list[dict[str, Any]]) -> str | None:
     return worst["cell"][2] if worst else None
 
 
-def find_finished_run(runs: Path, wanted: dict[str, Any]) -> Path | None:
-    """A finished run directory whose resolved config equals `wanted` (run.out aside)."""
+def find_finished_run(runs: Path, wanted: dict[str, Any], code: dict[str, Any]) -> Path | None:
+    """A finished run directory whose resolved config equals `wanted` (run.out aside), produced by
+    the same committed, clean code as `code` (so no figure comes from older code)."""
     def key(config: dict[str, Any]) -> str:
         return json.dumps({**config, "run": {k: v for k, v in config["run"].items() if k != "out"}}, sort_keys=True)
 
     target = key(json.loads(json.dumps(wanted)))
     for config_path in sorted(runs.glob("*/*/config.json")):
-        if (config_path.parent / "summary.json").exists():
+        if (config_path.parent / "summary.json").exists() and same_clean_code(config_path.parent, code):
             try:  # reloading fills in settings added since that run, at their defaults
                 stored = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path)).to_dict()
             except (json.JSONDecodeError, ConfigError):
@@ -296,7 +298,7 @@ def convergence_figures(row: Row, run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     return {"name": row.name, "overrides": list(row.overrides), "run_dir": str(run_dir), "wall_s": summary["wall_s"],
-            **row_figures(summary), "config": config}
+            **row_figures(summary), "config": config, "code": read_code_version(run_dir)}
 
 
 def row_figures(summary: dict[str, Any]) -> dict[str, Any]:
@@ -330,7 +332,7 @@ def scaling_figures(spec: Scaling, row: Row, run_dir: Path) -> dict[str, Any]:
     peers = summary["peers_table"]
     return {
         "name": row.name, "model": spec.label, "topology": summary["topology"], "peers": summary["peers"], "run_dir": str(run_dir),
-        "wall_s": summary["wall_s"],
+        "wall_s": summary["wall_s"], "code": read_code_version(run_dir),
         "round_s": sum(per_round) / len(per_round),
         "compute_s": sum(r["compute_s"] for r in records) / len(records),
         "comm_s": sum(r["comm_s"] for r in records) / len(records),

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from p2pfed.provenance import code_version, describe
+
 if TYPE_CHECKING:
     from p2pfed.bench import Suite
 
@@ -24,6 +26,21 @@ GOSSIP_PREFIX = "gossip"
 def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def code_line(rows: list[dict[str, Any]], micro: list[dict[str, Any]]) -> str:
+    """Which code produced the rows: one commit for all, or each row's, so a figure can be traced."""
+    versions = {describe(r.get("code") or {}) for r in rows if not r.get("error")}
+    if micro:
+        versions.add(describe(code_version()))
+    if len(versions) == 1:
+        return f"Code: every row comes from commit {versions.pop()}."
+    per_row = "; ".join(f"{r['name']}: {describe(r.get('code') or {})}" for r in rows if not r.get("error"))
+    return f"Code: rows come from different commits: {per_row}" + (f"; micro-benchmarks: {describe(code_version())}" if micro else "") + "."
+
+
+def scaled_code(scaling: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**r, "name": f"{r.get('model', '')} {r['name']}".strip()} for r in scaling]
 
 
 def _gap(value: float, reference: float) -> float:
@@ -222,7 +239,8 @@ def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]]
     text = [f"# p2pfed bench `{suite_name}`: {suite.description}", "",
             f"{stamp}; {info['platform']}, {info['cpus']} CPUs, torch {info['torch']}, Python {info['python']}; "
             f"the runs took {sum(r.get('wall_s', 0.0) for r in [*results, *scaling]) / 60:.0f} min in all "
-            f"(this invocation {wall_s / 60:.0f} min: finished runs of identical configs are reused).", ""]
+            f"(this invocation {wall_s / 60:.0f} min: finished runs of the identical config and the same clean commit are reused).", "",
+            code_line([*results, *scaled_code(scaling)], micro), ""]
     if results and any(r.get("config") for r in results):
         configured = [r for r in results if r.get("config")]
         base = configured[0]["config"] if suite.judge != "convergence" else next(
@@ -270,6 +288,6 @@ def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]]
     text += [f"Reproduce: `make bench SUITE={suite_name}`."]
     md = directory / f"{suite_name}-{stamp}.md"
     md.write_text("\n".join(text) + "\n", encoding="utf-8")
-    payload = {"suite": suite_name, "machine": info, "rows": results, "scaling": scaling, "micro": micro}
+    payload = {"suite": suite_name, "machine": info, "code": code_version(), "rows": results, "scaling": scaling, "micro": micro}
     (directory / f"{suite_name}-{stamp}.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return md

@@ -13,10 +13,11 @@ from p2pfed.config import Config, ConfigError, load_config, save_config
 from p2pfed.data import DataError, shakespeare_dir
 from p2pfed.identity import IdentityError, keygen
 from p2pfed.model import EMBEDDED_NAME, ModelError, embedded_model_dir
+from p2pfed.provenance import code_version, read_code_version, write_code_version
 from p2pfed.secure import FixedPoint, check_secure_topology
 from p2pfed.topology import TopologyError, describe, draw, load_topology
 
-RUN_OUTPUTS = ("metrics", "adapters", "keys", "checkpoints", "summary.md", "summary.json", "config.json")
+RUN_OUTPUTS = ("metrics", "adapters", "keys", "checkpoints", "summary.md", "summary.json", "config.json", "code.json")
 
 
 def prepare(config: Config) -> None:
@@ -46,6 +47,14 @@ def claim_run_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def record_code(out: Path, resume: bool) -> None:
+    """code.json: the commit behind this run; a run resumed on other code is marked dirty (never reused by a bench)."""
+    current = code_version()
+    if resume and read_code_version(out) != current:
+        current = {**current, "dirty": True}
+    write_code_version(out, current)
+
+
 def torchrun_command(config_path: Path, peers: int, max_restarts: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={peers}", f"--max-restarts={max_restarts}",
             "-m", "p2pfed.peer", str(config_path)]
@@ -64,6 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"[p2pfed] [identity] names no keys: created {config.run.peers} peer keys and {roster} for this run", flush=True)
     resolved = out / "config.json"
     save_config(config, resolved)
+    record_code(out, args.resume)
     threads = config.run.threads or max(1, (os.cpu_count() or 1) // config.run.peers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     print(f"[p2pfed] launching {config.run.peers} peers with torchrun; resolved config in {resolved}", flush=True)

@@ -5,8 +5,9 @@ import json
 import pytest
 
 from p2pfed.bench import ROOT, SUITES, BenchRun, find_finished_run, slug
-from p2pfed.benchtables import convergence_goals, convergence_table, goal_line, micro_table, plot_ppl_vs_bytes, scaling_table, secure_line, table
+from p2pfed.benchtables import code_line, convergence_goals, convergence_table, goal_line, micro_table, plot_ppl_vs_bytes, scaling_table, secure_line, table
 from p2pfed.config import load_config, save_config
+from p2pfed.provenance import write_code_version
 
 
 def row(name, bytes_, ppl):
@@ -27,18 +28,34 @@ def test_row_names_become_directory_names():
     assert slug("CHOCO top-k 10% + int8, gamma 0.2") == "choco-top-k-10pct-int8-gamma-0.2"
 
 
-def test_a_finished_run_of_the_identical_config_is_found_and_others_are_not(tmp_path):
+def test_a_finished_run_is_reused_only_for_the_identical_config_and_the_same_clean_commit(tmp_path):
     base = ROOT / "launch/configs/tiny.toml"
     done = tmp_path / "runs" / "suite" / "01-x"
     done.mkdir(parents=True)
     save_config(load_config(base, [f"run.out={done}", "gossip.codec=int8"]), done / "config.json")
     (done / "summary.json").write_text(json.dumps({}))
+    code = {"commit": "a" * 40, "dirty": False}
+    write_code_version(done, code)
     same = load_config(base, ["run.out=elsewhere", "gossip.codec=int8"]).to_dict()
     other = load_config(base, ["run.out=elsewhere", "gossip.codec=int4"]).to_dict()
-    assert find_finished_run(tmp_path / "runs", same) == done
-    assert find_finished_run(tmp_path / "runs", other) is None
+    assert find_finished_run(tmp_path / "runs", same, code) == done
+    assert find_finished_run(tmp_path / "runs", other, code) is None
+    assert find_finished_run(tmp_path / "runs", same, {"commit": "b" * 40, "dirty": False}) is None  # other code
+    assert find_finished_run(tmp_path / "runs", same, {**code, "dirty": True}) is None  # uncommitted changes now
+    write_code_version(done, {**code, "dirty": True})
+    assert find_finished_run(tmp_path / "runs", same, code) is None  # the run came from uncommitted changes
+    (done / "code.json").unlink()
+    assert find_finished_run(tmp_path / "runs", same, code) is None  # a run from before code was recorded
+    write_code_version(done, code)
     (done / "summary.json").unlink()  # an unfinished run is never reused
-    assert find_finished_run(tmp_path / "runs", same) is None
+    assert find_finished_run(tmp_path / "runs", same, code) is None
+
+
+def test_results_name_the_commit_of_every_row():
+    rows = [{"name": "a", "code": {"commit": "c" * 40, "dirty": False}}, {"name": "b", "code": {"commit": "c" * 40, "dirty": False}}]
+    assert code_line(rows, []) == f"Code: every row comes from commit {'c' * 12}."
+    rows[1]["code"] = {"commit": "d" * 40, "dirty": True}
+    assert code_line(rows, []) == f"Code: rows come from different commits: a: {'c' * 12}; b: {'d' * 12} (dirty tree)."
 
 
 def test_secure_line_reports_gap_bytes_mask_share_and_exchange_time_against_the_goals():

@@ -11,6 +11,7 @@ from conftest import ROOT, TINY, read_jsonl, run_cli
 from p2pfed.config import load_config
 from p2pfed.topology import load_topology
 from p2pfed.model import save_adapter, tiny_model, tiny_tokenizer, wrap_lora
+from p2pfed.provenance import code_version, read_code_version
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -47,6 +48,7 @@ def test_four_peers_train_gossip_and_save_stock_peft_adapters(tmp_path):
         assert not torch.allclose(reloaded(ids).logits, base_logits, atol=1e-5)  # training moved the adapter
     summary = (out / "summary.md").read_text()
     assert "| peer | global ppl before" in summary and "Fine-tuned adapter" in summary
+    assert read_code_version(out) == code_version()  # the run names the code that produced it
 
 
 def test_same_config_and_seed_give_the_same_adapters(tmp_path):
