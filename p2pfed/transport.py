@@ -1,10 +1,17 @@
 """Moving bytes between peers: torch.distributed point-to-point, or in-process for tests.
 
 The only module that touches `torch.distributed`. A gossip exchange sends each
-out-neighbour its own byte string and receives one from each in-neighbour; lengths go
-first so receivers can size their buffers. Collectives here (all-reduce, all-gather)
-serve the `allreduce` baseline and monitoring only: no aggregate replaces an adapter in
-gossip mode, and no process acts as a server.
+out-neighbour its own byte string and receives one from each in-neighbour, in one round
+trip: every message is a frame of an 8-byte length and the payload, and a receiver posts a
+buffer of the largest frame the exchange can carry (its own bound, never a size a sender
+asks for). Collectives here (all-reduce, all-gather) serve the `allreduce` baseline and
+monitoring only: no aggregate replaces an adapter in gossip mode, and no process acts as
+a server.
+
+What gloo itself does not let a receiver refuse: a message longer than the buffer it
+posted aborts the receiving process inside gloo. Bounding the buffer by the exchange (not
+by a prefix the sender chose) leaves that only to a peer that sends more than any honest
+message of the exchange can weigh; the README's threat model says so.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ import torch
 import torch.distributed as dist
 
 Rank = int
-_LENGTH_TAG = 1
-_PAYLOAD_TAG = 2
+_FRAME_TAG = 1
 _BARE_TAG = 3
+PREFIX = 8
+"""Bytes of a frame's length prefix (little-endian signed 64-bit)."""
+UNBOUNDED_EXCHANGE = 1 << 26
+"""The buffer an exchange called without `max_length` posts (tests only: gossip always bounds)."""
 
 
 def _tag(exchange: int, kind: int) -> int:
@@ -35,7 +45,7 @@ def _tag(exchange: int, kind: int) -> int:
 
 class LyingLength(bytes):
     """Fault injection (`hugelength`): a message whose length prefix announces `announced`
-    bytes; the transport sends the lie and then no payload."""
+    bytes, more or fewer than it carries; the transport sends the lie with the real bytes."""
 
     announced: int = 0
 
@@ -151,20 +161,28 @@ class TorchTransport:
 
     def _exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, deadline: float,
                   max_length: int | None) -> dict[Rank, bytes]:
-        # Phase 1: lengths, checked against the bound before any buffer is allocated.
-        sent_lengths = {j: torch.tensor([announced_length(b)], dtype=torch.int64, device=self.device) for j, b in outgoing.items()}
-        got_lengths = {j: torch.zeros(1, dtype=torch.int64, device=self.device) for j in incoming_from}
-        self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_tag(tag, _LENGTH_TAG))) for j, t in sent_lengths.items()]
-                   + [("hear from", j, dist.irecv(t, src=j, tag=_tag(tag, _LENGTH_TAG))) for j, t in got_lengths.items()], deadline)
-        lengths = {j: int(t.item()) for j, t in got_lengths.items()}
-        self.refused = {j: why for j, n in lengths.items() if (why := length_refusal(j, n, max_length))}
-        # Phase 2: payloads (empty ones are not sent: both sides know the length is 0; a lying prefix sends none).
-        sent = {j: self._to_tensor(b) for j, b in outgoing.items() if b and announced_length(b) == len(b)}
-        received = {j: torch.empty(n, dtype=torch.uint8, device=self.device) for j, n in lengths.items() if j not in self.refused}
-        self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_tag(tag, _PAYLOAD_TAG))) for j, t in sent.items()]
-                   + [("hear from", j, dist.irecv(t, src=j, tag=_tag(tag, _PAYLOAD_TAG))) for j, t in received.items() if t.numel()],
-                   deadline)
-        return {j: t.cpu().numpy().tobytes() for j, t in received.items()}
+        # One round trip: frames out, and per sender a buffer of this exchange's largest frame.
+        bound = UNBOUNDED_EXCHANGE if max_length is None else max_length
+        sent = {j: self._frame(b) for j, b in outgoing.items()}
+        received = {j: torch.empty(PREFIX + bound, dtype=torch.uint8, device=self.device) for j in incoming_from}
+        self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_tag(tag, _FRAME_TAG))) for j, t in sent.items()]
+                   + [("hear from", j, dist.irecv(t, src=j, tag=_tag(tag, _FRAME_TAG))) for j, t in received.items()], deadline)
+        self.refused, messages = {}, {}
+        for j, frame in received.items():
+            view = memoryview(frame.cpu().numpy())
+            length = int.from_bytes(view[:PREFIX], "little", signed=True)
+            if why := length_refusal(j, length, bound):
+                self.refused[j] = why
+            else:
+                messages[j] = bytes(view[PREFIX:PREFIX + length])
+        return messages
+
+    def _frame(self, data: bytes) -> torch.Tensor:
+        """The announced length (honestly len(data)) and the bytes, as one tensor to send."""
+        frame = bytearray(PREFIX + len(data))
+        frame[:PREFIX] = announced_length(data).to_bytes(PREFIX, "little", signed=True)
+        frame[PREFIX:] = data
+        return torch.frombuffer(frame, dtype=torch.uint8).to(self.device)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         work = tensor.detach().to(self.device, copy=True)

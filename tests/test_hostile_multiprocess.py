@@ -1,7 +1,9 @@
 """Through real gloo peers: a neighbour whose length prefix asks for -1, 2^62 or 256 MiB
 bytes is refused before anything is allocated (it crashed the receivers on the earlier
-code: `torch.empty` of the announced length), counted as `length`, and the next round
-runs in step, in plain and in secure mode."""
+code: `torch.empty` of the announced length), counted as `length`; one whose prefix
+announces fewer bytes than it sends is read as the truncated message it announced and
+refused (on the earlier code gloo aborted the receiving process: the payload overran the
+buffer sized by the prefix); the next round runs in step, in plain and in secure mode."""
 
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from p2pfed.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, HOSTILE = 4, 1
-ANNOUNCED = (-1, 2**62, 256 << 20)
+ANNOUNCED = (-1, 2**62, 256 << 20, 40)
+"""Three lies above any bound, one below the message's size (40 bytes: inside the header)."""
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
 
 
@@ -37,7 +40,7 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
                             secure=FixedPoint(4.0, 20) if mode == "secure" else None, seed=rank)
         x = torch.full((64,), float(rank))
         rows = []
-        for t, announced in enumerate((*ANNOUNCED, None)):  # three lies, then an honest round
+        for t, announced in enumerate((*ANNOUNCED, None)):  # four lies, then an honest round
             p2pfed.faults.HUGE_LENGTH = announced or 0
             x, stats = averager.average(x, t)
             rows.append({"rejected": stats.rejected, "abandoned": stats.abandoned, "x": x.tolist()})
@@ -52,7 +55,9 @@ def test_length_prefixes_outside_the_bound_are_refused_and_the_stream_stays_in_s
     for mode in ("plain", "secure"):
         for rank in (0, 2):  # the hostile peer's receivers
             rows = results[rank][mode]
-            assert [r["rejected"].get("length", 0) for r in rows] == [1, 1, 1, 0], mode
+            assert [r["rejected"].get("length", 0) for r in rows] == [1, 1, 1, 0, 0], mode
+            assert rows[3]["rejected"] == {"truncated": 1}, (mode, rows[3]["rejected"])  # the 40 bytes announced, refused
+            assert rows[4]["rejected"] == {}, mode
             assert all(torch.isfinite(torch.tensor(r["x"])).all() for r in rows)
         honest = results[3][mode][-1]
         assert honest["rejected"] == {} and not honest["abandoned"]
