@@ -30,6 +30,7 @@ from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager
 from p2pfed.identity import Identity, IdentityError, Roster, load_identity
 from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round, identity_key, local_key
+from p2pfed.memory import keep_freed_memory
 from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
 from p2pfed.probe import probe_exchange
@@ -427,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m p2pfed.peer CONFIG [section.key=value ...]", file=sys.stderr)
         return 2
     rank = os.environ.get("RANK", "?")
+    keep_freed_memory()
     try:
         config = load_config(argv[0], argv[1:])
         local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

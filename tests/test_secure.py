@@ -2,11 +2,13 @@
 matches plain mixing within the fixed-point bound, dropouts are recovered exactly, and
 unsafe or pointless settings are refused with a clear message."""
 
+import math
 import threading
 from pathlib import Path
 
 import networkx as nx
 import numpy as np
+
 import pytest
 import torch
 
@@ -97,6 +99,18 @@ def test_fixed_point_round_trip_and_sums_stay_within_the_bound():
     assert (FIXED.decode(words) - values).abs().max() <= FIXED.resolution
     big, clipped = FIXED.encode(torch.tensor([5.0, -9.0, 1.0]), generator)
     assert clipped == 2 and FIXED.decode(big).tolist()[:2] == [4.0, -4.0]
+
+
+@pytest.mark.parametrize("steps", [0.3, -0.3, -2.75, 5.5])
+def test_stochastic_rounding_is_unbiased_for_positive_and_negative_values(steps):
+    """A value `steps` resolution steps from zero rounds to its two neighbouring steps with
+    probabilities that make the mean exact: the mean of 200,000 encodings lies within 5
+    standard errors of `steps` (Bernoulli(frac) variance, closed form)."""
+    count, frac = 200_000, steps - math.floor(steps)
+    words, _ = FIXED.encode(torch.full((count,), steps * FIXED.resolution), torch.Generator().manual_seed(7))
+    decoded = FIXED.decode(words).double() / FIXED.resolution
+    assert set(decoded.unique().tolist()) <= {math.floor(steps), math.floor(steps) + 1}
+    assert abs(decoded.mean().item() - steps) <= 5 * math.sqrt(frac * (1 - frac) / count)
 
 
 def test_overflow_check_refuses_an_unsafe_configuration():

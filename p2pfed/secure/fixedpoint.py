@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from p2pfed.secure.keystream import rounding_words
+
 MODULUS_BITS = 32
 
 
@@ -51,26 +53,36 @@ class FixedPoint:
         return self.encode_weighted(values, {0: 1.0}, generator)[0]
 
     def encode_weighted(self, values: torch.Tensor, weights: dict[int, float], generator: torch.Generator) -> dict[int, tuple[np.ndarray, int]]:
-        """enc(w * values) for each receiver's weight w. One float64 copy and one draw of
-        rounding noise serve every receiver (each sum is still rounded without bias), and
-        receivers with equal weights share one encoding: treat the words as read-only."""
-        base = values.detach().to("cpu", torch.float64).reshape(-1).numpy()
-        noise = torch.rand(base.shape, generator=generator, dtype=torch.float64).numpy()
+        """enc(w * values) for each receiver's weight w. One draw of rounding noise serves every
+        receiver (each sum is still rounded without bias), and receivers with equal weights
+        share one encoding: treat the words as read-only."""
+        flat = values.detach().to("cpu", torch.float32).reshape(-1).numpy()
+        peak = max(float(flat.max()), -float(flat.min())) if flat.size else 0.0
+        noise = rounding_words(generator, flat.size)
         encoded: dict[float, tuple[np.ndarray, int]] = {}
         for weight in dict.fromkeys(weights.values()):
-            encoded[weight] = self._scaled(base, weight, noise)
+            encoded[weight] = self._scaled(flat, weight, peak, noise)
         return {i: encoded[w] for i, w in weights.items()}
 
-    def _scaled(self, base: np.ndarray, weight: float, noise: np.ndarray) -> tuple[np.ndarray, int]:
-        limit = self.bound * self.scale
-        scaled = base * (weight * self.scale)
-        clipped = int(np.count_nonzero((scaled > limit) | (scaled < -limit)))
-        np.clip(scaled, -limit, limit, out=scaled)
-        scaled += noise
-        np.floor(scaled, out=scaled)
-        return scaled.astype(np.int64).astype(np.uint32), clipped  # int64 -> uint32 wraps mod 2^32
+    def _scaled(self, flat: np.ndarray, weight: float, peak: float, noise: np.ndarray) -> tuple[np.ndarray, int]:
+        """Stochastic rounding in integers: floor((v * 2^32 + u) / 2^32) with u uniform on
+        [0, 2^32) rounds v up with probability frac(v) (v * 2^32 is truncated first: a bias
+        below 2^-32 of a step). Clipping runs only when some value needs it."""
+        fine = weight * self.scale * 2.0**32
+        limit = self.bound * self.scale * 2.0**32
+        scaled = np.multiply(flat, fine, dtype=np.float64)
+        clipped = 0
+        if peak * fine > limit:
+            clipped = int(np.count_nonzero(np.abs(scaled) > limit))
+            np.clip(scaled, -limit, limit, out=scaled)
+        fixed = scaled.astype(np.int64)  # |v| * 2^32 < 2^63 where check() passed (|v| < 2^31)
+        fixed += noise
+        fixed >>= 32  # arithmetic shift: a floor, negatives included
+        return fixed.astype(np.int32).view(np.uint32), clipped  # two's complement: the words mod 2^32
 
     def decode(self, words: np.ndarray) -> torch.Tensor:
         """Signed reading of uint32 words, back to floats."""
         signed = np.ascontiguousarray(words, dtype=np.uint32).view(np.int32)
-        return torch.from_numpy(signed * (1.0 / self.scale)).to(torch.float32)
+        values = signed.astype(np.float32)  # one rounding to float32; the power-of-two scale is exact
+        values *= np.float32(1.0 / self.scale)
+        return torch.from_numpy(values)

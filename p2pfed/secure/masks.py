@@ -14,28 +14,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from p2pfed.identity import Identity, Roster
 from p2pfed.secure.fixedpoint import SecureError
+from p2pfed.secure.keystream import prg_words
 from p2pfed.secure.session import Context
 
 PAIR_SALT = b"p2pfed pairwise secret v2"
 KEY_SALT = b"p2pfed context key v2"
-_ZERO_NONCE = bytes(16)
 
 
 def derive(secret: bytes, label: bytes, context: Context, extra: bytes = b"") -> bytes:
     """A 32-byte key for one (label, context) from a long-lived or per-context secret."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=KEY_SALT, info=label + context.encode() + extra).derive(secret)
-
-
-def prg_words(key: bytes, count: int, width: int = 4) -> np.ndarray:
-    """`count` little-endian words of `width` bytes (4 or 8) of ChaCha20 keystream; every key
-    is derived for one use only. Read-only: callers add, never write."""
-    encryptor = Cipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
-    return np.frombuffer(encryptor.update(bytes(width * count)), dtype=f"<u{width}")
 
 
 def self_mask(seed: bytes, context: Context, count: int) -> np.ndarray:
@@ -78,9 +70,10 @@ class PairwiseMasks:
         """The AEAD key of a helper's release to a receiver: only the receiver reads shares and corrections."""
         return derive(self.secret(other), b"release", context)
 
-    def mask(self, context: Context, others: list[int], count: int) -> np.ndarray:
-        """sum over k in `others` (k != me) of sign(me, k) * PRG(s_{me,k}, context), mod 2^32."""
-        total = np.zeros(count, dtype=np.uint32)
+    def mask(self, context: Context, others: list[int], count: int, onto: np.ndarray | None = None) -> np.ndarray:
+        """sum over k in `others` (k != me) of sign(me, k) * PRG(s_{me,k}, context), mod 2^32;
+        added in place to `onto` when given (no copy of a large vector)."""
+        total = np.zeros(count, dtype=np.uint32) if onto is None else onto
         for k in others:
             if k == self.rank:
                 continue

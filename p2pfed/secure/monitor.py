@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from p2pfed.secure.masks import PairwiseMasks, derive, prg_words
+from p2pfed.secure.keystream import prg_words
+from p2pfed.secure.masks import PairwiseMasks, derive
 from p2pfed.secure.session import Context, Purpose
 
 SCALE = 2.0**32

@@ -147,7 +147,8 @@ def send_data(nb: Neighbourhood, state: Exchange, values: torch.Tensor) -> dict[
         state.cost.clipped += clipped
         start = time.perf_counter()
         seed = os.urandom(SEED_SIZE)  # fresh per context, never stored
-        words = plain_words + self_mask(seed, context, state.count) + nb.masks.mask(context, senders, state.count)
+        words = plain_words + self_mask(seed, context, state.count)  # a new array: plain_words may serve another receiver
+        nb.masks.mask(context, senders, state.count, onto=words)
         holders = [k for k in senders if k != me]
         shares = split_seed(seed, len(holders), threshold(len(senders)))
         sealed = [seal_share(nb.masks.share_key(k, context), s, context, me, k) for k, s in zip(holders, shares)]
@@ -308,7 +309,8 @@ def unmask(nb: Neighbourhood, state: Exchange, channel: Channel, releases: dict[
                 suspects = [holders[x - 1] for x, _ in used]
                 raise SecureError(f"the shares of peer {j}'s seed from helpers {suspects} do not rebuild what peer {j} "
                                   f"committed to (a helper or peer {j} lied)", "share")
-            total += state.data[j].words - self_mask(seed, context, state.count)
+            total += state.data[j].words
+            total -= self_mask(seed, context, state.count)
         _timed(state.cost, start)
     except SecureError as err:
         channel.refuse(culprit, err)
