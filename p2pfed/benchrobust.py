@@ -81,3 +81,28 @@ def robust_goals(results: list[dict[str, Any]], max_gap_pct: float = 3.0, clean_
                 line += f", exchange {ratio:.2f}x of plain mixing (goal <= {clean_time:.2f}x: {'**met**' if ratio <= clean_time else '**missed**'})"
             lines.append(line)
     return lines
+
+
+def pivot_table(results: list[dict[str, Any]], topology: str, attackers: int = 1) -> str:
+    """Attack x rule: the honest peers' gap to the same graph's no-attack, no-defence run
+    ('-' where the suite ran no such cell, 'refused' where the graph cannot host the rule)."""
+    reference = _reference(results, topology)
+    cells = {(r["cell"][2], r["cell"][3]): r for r in results if r["cell"][0] == topology and (r["cell"][1] == attackers or r["cell"][2] is None)}
+    rules = [rule for rule in RULES if any(key[1] == rule for key in cells)]
+    peers = next((r["config"]["run"]["peers"] for r in cells.values() if r.get("config")), "?")
+    lines = [f"| attack ({attackers} of {peers} peers) | " + " | ".join(RULE_NAMES[rule] for rule in rules) + " |",
+             "|---|" + "---:|" * len(rules)]
+    for attack in (None, *ATTACKS):
+        row = []
+        for rule in rules:
+            r = cells.get((attack, rule))
+            if r is None:
+                row.append("-")
+            elif r.get("error"):
+                row.append("refused")
+            elif r.get("honest_ppl") is None or not reference:
+                row.append("nan")
+            else:
+                row.append(f"{(r['honest_ppl'] / reference - 1) * 100:+.2f}%")
+        lines.append(f"| {attack or 'none'} | " + " | ".join(row) + " |")
+    return "\n".join(lines)

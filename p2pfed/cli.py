@@ -139,6 +139,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tables(args: argparse.Namespace) -> int:
+    """Regenerate (or, with --check, compare) the README's result blocks from their results files."""
+    from p2pfed.readmetables import TablesError, render, stale
+
+    readme = Path(args.readme)
+    text = readme.read_text(encoding="utf-8")
+    try:
+        if args.check:
+            differences = stale(text, readme.parent)
+            for d in differences:
+                print(f"{readme}: the block from {d.source} ({d.view}) differs from that file; run `p2pfed tables`", file=sys.stderr)
+            return 1 if differences else 0
+        updated = render(text, readme.parent)
+    except TablesError as err:
+        print(f"p2pfed tables: {err}", file=sys.stderr)
+        return 1
+    readme.write_text(updated, encoding="utf-8")
+    print(f"{readme}: {'regenerated' if updated != text else 'already matches'} its result blocks")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from p2pfed.bench import SUITES, BenchRun
 
@@ -203,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench", help="directory for runs/ and results/ (default: bench)")
     bench.add_argument("--fresh", action="store_true", help="rerun rows whose identical config already finished under OUT/runs")
     bench.set_defaults(func=cmd_bench)
+
+    tables = sub.add_parser("tables", help="regenerate the README's result tables from bench/results (no figure typed by hand)")
+    tables.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"), help="default: this checkout's README.md")
+    tables.add_argument("--check", action="store_true", help="only compare; exit 1 naming each block that differs from its results file")
+    tables.set_defaults(func=cmd_tables)
     return parser
 
 
