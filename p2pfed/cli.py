@@ -105,9 +105,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_topology_show(args: argparse.Namespace) -> int:
     topology = load_topology(args.file, args.peers or _declared_size(args.file))
     print(describe(topology))
-    png = Path(args.png or Path(args.file).with_suffix(".png").name)
-    draw(topology, png)
-    print(f"drawing    {png}")
+    if args.png:  # drawn only when asked: nothing is written into the current directory unasked
+        draw(topology, Path(args.png))
+        print(f"drawing    {args.png}")
     return 0
 
 
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = topo_sub.add_parser("show", help="print n, degrees, spectral gap; draw a PNG")
     show.add_argument("file")
     show.add_argument("--peers", type=int, help="size for files that leave n open")
-    show.add_argument("--png", help="where to write the drawing (default: <name>.png here)")
+    show.add_argument("--png", "--out", dest="png", help="write a drawing of the graph to this PNG (default: no drawing)")
     show.set_defaults(func=cmd_topology_show)
 
     report = sub.add_parser("report", help="summary and plots of one or more run directories (several are overlaid)")

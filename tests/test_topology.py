@@ -141,3 +141,5 @@ def test_topology_show_cli(tmp_path):
     assert (tmp_path / "h.png").stat().st_size > 1000
     open_n = run_cli("topology", "show", str(ROOT / "topologies/ring.toml"))
     assert open_n.returncode == 1 and "pass --peers N" in open_n.stderr
+    unasked = run_cli("topology", "show", str(ROOT / "topologies/ring.toml"), "--peers", "6", cwd=tmp_path)
+    assert unasked.returncode == 0 and list(tmp_path.glob("*.png")) == [tmp_path / "h.png"]  # no drawing unless asked
