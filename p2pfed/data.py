@@ -149,8 +149,9 @@ def _chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
     return "\n\n".join(f"### {m['role']}:\n{m['content']}" for m in messages)
 
 
-def read_jsonl(path: Path, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Read and render every row of a JSONL file, naming the line of the first bad row."""
+def read_jsonl(path: Path, tokenizer: PreTrainedTokenizerBase | None) -> list[str]:
+    """Read and render every row of a JSONL file, naming the line of the first bad row
+    (without a tokenizer, chat rows render in a plain format: a check before launch)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

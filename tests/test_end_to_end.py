@@ -76,6 +76,19 @@ def test_bad_input_stops_before_launch_with_one_sentence(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["p2pfed: topologies/ring8.toml: the topology has 8 nodes but 4 peers were launched"]
 
+    # a malformed data file of one peer (and a missing one) stop the launch: no peer starts, no restarts
+    for rank in range(4):
+        (tmp_path / f"peer{rank}.jsonl").write_text('{"text": "a line of text to learn"}\n' * 8)
+    (tmp_path / "peer2.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
+    data = ["data.source=jsonl", f"data.path={tmp_path}/peer{{rank}}.jsonl"]
+    bad = run_cli("run", str(TINY), f"run.out={tmp_path / 'y'}", *data)
+    assert bad.returncode == 1 and not (tmp_path / "y" / "metrics").exists()
+    assert bad.stderr.strip().splitlines() == [f"p2pfed: {tmp_path}/peer2.jsonl, line 2: expected a 'text' string, "
+                                               "'instruction'+'output' strings, or a 'messages' list; got keys ['text']"]
+    (tmp_path / "peer2.jsonl").unlink()
+    missing = run_cli("run", str(TINY), f"run.out={tmp_path / 'y'}", *data)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [f"p2pfed: {tmp_path}/peer2.jsonl: data file not found"]
+
     out = tiny_run(tmp_path, "once", "run.peers=2", "run.rounds=1")
     again = run_cli("run", str(TINY), f"run.out={out}", "run.peers=2", "run.rounds=1")
     assert again.returncode == 1 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
