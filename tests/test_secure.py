@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import identities
+from conftest import identities, on_threads
 from p2pfed.codec import CodecSettings, build_codec
 from p2pfed.config import ConfigError, FaultSection, load_config
 from p2pfed.faults import FaultInjector
@@ -79,16 +79,39 @@ def chi_square_bytes(data: bytes) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def test_a_masked_message_is_indistinguishable_from_uniform():
-    keys, roster = identities(3)
-    values = torch.linspace(-0.05, 0.05, 50_000)  # a smooth, very non-uniform adapter slice
-    words, _ = FIXED.encode(values * 0.5, torch.Generator().manual_seed(0))
-    masked = words + PairwiseMasks(keys[0], roster).mask(ctx(7, 0, 2), [0, 1], values.numel())
-    critical = 330.5  # chi-square with 255 degrees of freedom, p = 0.001
-    assert chi_square_bytes(masked.tobytes()) < critical
-    assert chi_square_bytes(words.tobytes()) > 10 * critical  # the unmasked encoding is obviously not uniform
-    high_bits = (masked >> 31).mean()
-    assert abs(high_bits - 0.5) < 0.01
+def test_what_a_real_sender_puts_on_the_wire_is_indistinguishable_from_uniform():
+    """Capture peer 0's data message to peer 1 from a real secure exchange (in-process ring of
+    3, keys and rounding seeded), take the masked words out of the envelope, and test their
+    bytes: uniform to a chi-square test, while the same adapter's plain encoding is not."""
+    from p2pfed.secure.messages import decode_data
+    from p2pfed.wire import parse
+
+    world, count = 3, 50_000
+    hub, (keys, roster) = LocalHub(world, timeout_s=20), identities(world)
+    ring = load_topology(ROOT / "topologies/ring.toml", world)
+    values = torch.linspace(-0.05, 0.05, count)  # a smooth, very non-uniform adapter slice
+    captured: dict = {}
+
+    def peer(rank):
+        transport = hub.transport(rank)
+        if rank == 0:
+            send = transport.exchange
+
+            def record(outgoing, *args, **kwargs):
+                captured.setdefault("data", dict(outgoing))  # the first exchange is the data phase
+                return send(outgoing, *args, **kwargs)
+
+            transport.exchange = record
+        Averager(transport, "gossip", build_codec("fp32", CodecSettings()), ring, keys[rank], roster, secure=FIXED, seed=rank).average(values, 0)
+
+    on_threads(peer, world)
+    _, _, _, payload = parse(captured["data"][1], 10 * count)
+    words = decode_data(payload, count, [2]).words  # receiver 1's other sender holds the share
+    critical = 400.0  # chi-square with 255 degrees of freedom, p ~ 1e-10 (the self mask's seed is fresh by design)
+    assert chi_square_bytes(words.tobytes()) < critical
+    plain, _ = FIXED.encode(values * float(ring.weights(0)[1, 0]), torch.Generator().manual_seed(0))
+    assert chi_square_bytes(plain.tobytes()) > 10 * critical  # the unmasked encoding is obviously not uniform
+    assert abs((words >> 31).mean() - 0.5) < 0.01
 
 
 def test_fixed_point_round_trip_and_sums_stay_within_the_bound():
