@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import transformers
 
-from p2pfed.codec import CodecSettings, build_codec
-from p2pfed.config import Config, ConfigError, load_config, save_config
+from p2pfed.codec import Codec, CodecSettings, build_codec
+from p2pfed.config import Config, ConfigError, GossipSection, load_config, save_config
 from p2pfed.consensus import exact_consensus_distance, gossip_round, is_measured
 from p2pfed.data import DataError, PeerData, load_peer_data
 from p2pfed.faults import FaultInjector
@@ -86,6 +86,15 @@ def load_keys(config: Config, rank: int, world_size: int) -> tuple[Identity, Ros
     return load_identity(key_template.format(rank=rank), rank, roster), roster
 
 
+def error_feedback_for(gossip: GossipSection, codec: Codec) -> bool:
+    """`error_feedback`: on, off, or (auto) on exactly when the codec is biased (it drops or
+    deterministically rounds what it does not send). Secure mode sums messages it never sees
+    one by one, so it keeps no per-sender copies."""
+    if gossip.secure:
+        return False
+    return gossip.error_feedback == "on" or (gossip.error_feedback == "auto" and codec.biased)
+
+
 class StopRequested(RuntimeError):
     """SIGINT/SIGTERM arrived; the peer finished its round, checkpointed and stops."""
 
@@ -127,8 +136,7 @@ class Peer:
         cfg = self.config
         settings = CodecSettings(fraction=cfg.codec.fraction, rank=cfg.codec.rank, chunk=cfg.codec.chunk, seed=cfg.run.seed)
         codec = build_codec(cfg.gossip.codec, settings, self.rank, adapter_layout(self.model))
-        # secure mode sums messages it never sees one by one, so it keeps no per-sender copies
-        feedback = not cfg.gossip.secure and (cfg.gossip.error_feedback == "on" or (cfg.gossip.error_feedback == "auto" and codec.biased))
+        feedback = error_feedback_for(cfg.gossip, codec)
         fixed = FixedPoint(cfg.secure.bound, cfg.secure.frac_bits) if cfg.gossip.secure else None
         return Averager(self.transport, cfg.gossip.mode, codec, self.topology, identity, roster, self.faults,
                         algorithm=cfg.gossip.algorithm, gamma=cfg.gossip.gamma, error_feedback=feedback,

@@ -172,3 +172,21 @@ def test_index_blocks_pick_the_smaller_format_and_refuse_garbage():
     for bad, k in ((b"\x00\x85", 1), (b"\x02\x00", 1), (encode_indices(sparse, 1000), 2), (b"\x00\x05\xff\x7f", 2)):
         with pytest.raises(IndexBlockError):
             decode_indices(bad, k, 1000)
+
+
+@pytest.mark.parametrize("spec, setting, secure, expected", [
+    ("fp32", "auto", False, False),  # exact: nothing to carry over
+    ("int8", "auto", False, False),  # stochastic rounding is unbiased
+    ("fp16", "auto", False, False),  # rounding to nearest: error far below gossip noise
+    ("topk+int8", "auto", False, True),  # drops coordinates: carried to the next round
+    ("lowrank+int8", "auto", False, True),
+    ("fp32", "on", False, True),
+    ("topk+int8", "off", False, False),
+    ("randk+fp16", "auto", True, False),  # secure mode never keeps per-sender copies
+])
+def test_error_feedback_auto_is_on_exactly_for_codecs_that_drop_or_bias(spec, setting, secure, expected):
+    from p2pfed.config import GossipSection
+    from p2pfed.peer import error_feedback_for
+
+    gossip = GossipSection(codec=spec, error_feedback=setting, secure=secure)
+    assert error_feedback_for(gossip, build_codec(spec, CodecSettings())) is expected

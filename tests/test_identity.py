@@ -121,3 +121,16 @@ def test_a_key_is_never_written_into_an_existing_file_or_through_a_symlink(tmp_p
     first = (tmp_path / "keys" / "peer0.pem").read_bytes()
     keygen(2, tmp_path / "keys", overwrite=True)  # replaced by a new file, not rewritten in place
     assert (tmp_path / "keys" / "peer0.pem").read_bytes() != first
+
+
+def test_a_roster_that_lists_other_than_the_peers_launched_is_refused_with_one_sentence(tmp_path):
+    from conftest import TINY
+    from p2pfed.config import load_config
+    from p2pfed.peer import load_keys
+
+    roster = keygen(3, tmp_path)
+    config = load_config(TINY, [f"identity.roster={roster}", f"identity.key={tmp_path}/peer{{rank}}.pem"])
+    with pytest.raises(IdentityError, match=r"roster.json: the roster lists 3 peers but 4 were launched$"):
+        load_keys(config, 0, 4)
+    identity, loaded = load_keys(config, 2, 3)  # the same files with as many peers as listed
+    assert identity.rank == 2 and len(loaded) == 3
