@@ -121,3 +121,23 @@ def test_pooled_shares_give_one_process_every_peers_data_and_the_same_global_eva
     assert half.description.count("shares 1, 3") == 1
     with pytest.raises(DataError, match=r"\[data\] pool = 2: expected 0 or at least the 4 peers"):
         load_peer_data(DataSection(block_size=64, pool=2), TOKENIZER, 0, 4, seed=0)
+
+
+def test_the_role_split_gives_each_peer_whole_speaking_roles_and_all_roles_are_dealt():
+    """split = 'role' through load_peer_data: peers hold disjoint speaking roles (play/ROLE),
+    and together exactly the roles speaking_roles finds in every play."""
+    import re
+
+    works = shakespeare_works(shakespeare_dir())
+    every_role = {name for work in works for name, _ in speaking_roles(work)}
+    section = DataSection(split="role", block_size=64, eval_blocks=2)
+    counts, listed = [], []
+    for rank in range(2):
+        data = load_peer_data(section, TOKENIZER, rank, 2, seed=0)
+        found = re.match(r"shakespeare by role: (\d+) documents: (.*?)( \(\+\d+ more\))?$", data.description)
+        assert found, data.description
+        counts.append(int(found[1]))
+        listed.append(found[2].split(", "))
+        assert data.train.shape[0] > 0 and data.own_eval.shape[0] > 0
+    assert sum(counts) == len(every_role) and abs(counts[0] - counts[1]) <= len(every_role) // 4
+    assert set(listed[0]).isdisjoint(listed[1]) and set(listed[0] + listed[1]) <= every_role
