@@ -13,15 +13,32 @@ ROOT = Path(__file__).resolve().parent.parent
 CODE_FILE = "code.json"
 
 
+PACKAGES = ("torch", "numpy", "transformers", "peft", "cryptography", "pycryptodome", "networkx")
+"""The dependencies whose versions can change a figure; recorded and compared with the commit."""
+
+
 def code_version(root: Path = ROOT) -> dict[str, Any]:
-    """{'commit': 40 hex or None outside a git checkout, 'dirty': tracked files differ from it}."""
+    """{'commit': 40 hex or None outside a git checkout, 'dirty': the tree differs from it
+    (tracked changes, or files git does not ignore but nobody added), 'packages': versions}."""
+    packages = package_versions()
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
-                                check=True, timeout=30).stdout
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": True}
-    return {"commit": commit, "dirty": bool(status.strip())}
+        return {"commit": None, "dirty": True, "packages": packages}
+    return {"commit": commit, "dirty": bool(status.strip()), "packages": packages}
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 
 def write_code_version(run_dir: Path, version: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -35,14 +52,15 @@ def read_code_version(run_dir: Path) -> dict[str, Any]:
     try:
         stored = json.loads((run_dir / CODE_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return {"commit": None, "dirty": True}
-    if not isinstance(stored, dict) or not isinstance(stored.get("commit"), (str, type(None))):
-        return {"commit": None, "dirty": True}
-    return {"commit": stored.get("commit"), "dirty": bool(stored.get("dirty", True))}
+        return {"commit": None, "dirty": True, "packages": {}}
+    if not isinstance(stored, dict) or not isinstance(stored.get("commit"), (str, type(None))) or not isinstance(stored.get("packages"), dict):
+        return {"commit": None, "dirty": True, "packages": {}}
+    return {"commit": stored.get("commit"), "dirty": bool(stored.get("dirty", True)), "packages": stored["packages"]}
 
 
 def same_clean_code(run_dir: Path, current: dict[str, Any]) -> bool:
-    """A finished run may stand in for a new one only if both come from the same committed, clean code."""
+    """A finished run may stand in for a new one only if both come from the same committed,
+    clean code and the same package versions."""
     recorded = read_code_version(run_dir)
     return bool(current["commit"]) and not current["dirty"] and recorded == current
 

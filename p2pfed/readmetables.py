@@ -53,6 +53,8 @@ def generate(source: Path, view: str) -> str:
         raise TablesError(f"README block '{source.name} {view}': no such results file {source}")
     text = source.read_text(encoding="utf-8")
     if kind == "table":
+        if not argument.isdigit():
+            raise TablesError(f"README block '{source.name} {view}': expected 'table N' with N a table number, got {argument!r}")
         return nth_table(text, int(argument), f"{source.name} {view}")
     if kind in ("line", "lines"):
         found = [line for line in text.splitlines() if line.startswith(argument)]

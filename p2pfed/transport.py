@@ -164,7 +164,8 @@ class TorchTransport:
         # One round trip: frames out, and per sender a buffer of this exchange's largest frame.
         bound = UNBOUNDED_EXCHANGE if max_length is None else max_length
         sent = {j: self._frame(b) for j, b in outgoing.items()}
-        received = {j: torch.empty(PREFIX + bound, dtype=torch.uint8, device=self.device) for j in incoming_from}
+        # zeroed: gloo does not say how many bytes arrived, so a short frame must read as zeros, never stale memory
+        received = {j: torch.zeros(PREFIX + bound, dtype=torch.uint8, device=self.device) for j in incoming_from}
         self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_tag(tag, _FRAME_TAG))) for j, t in sent.items()]
                    + [("hear from", j, dist.irecv(t, src=j, tag=_tag(tag, _FRAME_TAG))) for j, t in received.items()], deadline)
         self.refused, messages = {}, {}

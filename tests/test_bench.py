@@ -34,13 +34,14 @@ def test_a_finished_run_is_reused_only_for_the_identical_config_and_the_same_cle
     done.mkdir(parents=True)
     save_config(load_config(base, [f"run.out={done}", "gossip.codec=int8"]), done / "config.json")
     (done / "summary.json").write_text(json.dumps({}))
-    code = {"commit": "a" * 40, "dirty": False}
+    code = {"commit": "a" * 40, "dirty": False, "packages": {"torch": "2.13.0"}}
     write_code_version(done, code)
     same = load_config(base, ["run.out=elsewhere", "gossip.codec=int8"]).to_dict()
     other = load_config(base, ["run.out=elsewhere", "gossip.codec=int4"]).to_dict()
     assert find_finished_run(tmp_path / "runs", same, code) == done
     assert find_finished_run(tmp_path / "runs", other, code) is None
-    assert find_finished_run(tmp_path / "runs", same, {"commit": "b" * 40, "dirty": False}) is None  # other code
+    assert find_finished_run(tmp_path / "runs", same, {**code, "commit": "b" * 40}) is None  # other code
+    assert find_finished_run(tmp_path / "runs", same, {**code, "packages": {"torch": "2.14.0"}}) is None  # other torch
     assert find_finished_run(tmp_path / "runs", same, {**code, "dirty": True}) is None  # uncommitted changes now
     write_code_version(done, {**code, "dirty": True})
     assert find_finished_run(tmp_path / "runs", same, code) is None  # the run came from uncommitted changes

@@ -61,3 +61,25 @@ def test_length_prefixes_outside_the_bound_are_refused_and_the_stream_stays_in_s
             assert all(torch.isfinite(torch.tensor(r["x"])).all() for r in rows)
         honest = results[3][mode][-1]
         assert honest["rejected"] == {} and not honest["abandoned"]
+
+
+def short_frame_worker(rank: int, world: int, store: str, out: str) -> None:
+    from p2pfed.transport import LyingLength
+
+    transport, _, _ = join_gloo_group(rank, world, store, timeout_s=30)
+    bound = 4096
+    if rank == 1:  # a prefix announcing the whole bound, and no bytes behind it
+        transport.exchange({0: LyingLength.of(b"", bound)}, [], tag=1, max_length=bound)
+        save_peer_result(out, rank, {})
+    else:
+        secret = torch.full((8 + bound,), ord("S"), dtype=torch.uint8)
+        del secret  # freed, not zeroed: what an uninitialised receive buffer could show
+        got = transport.exchange({}, [1], tag=1, max_length=bound)
+        save_peer_result(out, rank, {"message": got[1].hex(), "refused": transport.refused})
+    dist.destroy_process_group()
+
+
+def test_a_frame_shorter_than_its_prefix_reads_as_zeros_never_as_stale_memory(tmp_path):
+    spawn_peers(short_frame_worker, 2, tmp_path, str(tmp_path))
+    received = peer_results(tmp_path, 2)[0]
+    assert received["refused"] == {} and bytes.fromhex(received["message"]) == bytes(4096)

@@ -124,6 +124,17 @@ def test_fixed_point_round_trip_and_sums_stay_within_the_bound():
     assert clipped == 2 and FIXED.decode(big).tolist()[:2] == [4.0, -4.0]
 
 
+def test_non_finite_and_huge_values_are_clipped_into_range_and_counted():
+    """NaN encodes as 0 and infinities at the bound, like any out-of-range value: a word
+    outside the signed range would wrap a neighbour's sum (on an earlier encoder a NaN
+    turned clipping off and reached the sum as -2048)."""
+    words, clipped = FIXED.encode(torch.tensor([float("nan"), 5.0, -100.0, float("inf"), 1e9, 0.5, -float("inf")]),
+                                  torch.Generator().manual_seed(0))
+    assert FIXED.decode(words).tolist() == [0.0, 4.0, -4.0, 4.0, 4.0, 0.5, -4.0] and clipped == 6
+    total = words + FIXED.encode(torch.tensor([-4.0] * 7), torch.Generator().manual_seed(1))[0]
+    assert FIXED.decode(total).tolist() == [-4.0, 0.0, -8.0, 0.0, 0.0, -3.5, -8.0]  # sums stay within 2 x bound
+
+
 @pytest.mark.parametrize("steps", [0.3, -0.3, -2.75, 5.5])
 def test_stochastic_rounding_is_unbiased_for_positive_and_negative_values(steps):
     """A value `steps` resolution steps from zero rounds to its two neighbouring steps with

@@ -57,7 +57,7 @@ class FixedPoint:
         receiver (each sum is still rounded without bias), and receivers with equal weights
         share one encoding: treat the words as read-only."""
         flat = values.detach().to("cpu", torch.float32).reshape(-1).numpy()
-        peak = max(float(flat.max()), -float(flat.min())) if flat.size else 0.0
+        peak = max(float(flat.max()), -float(flat.min())) if flat.size else 0.0  # NaN when any value is NaN
         noise = rounding_words(generator, flat.size)
         encoded: dict[float, tuple[np.ndarray, int]] = {}
         for weight in dict.fromkeys(weights.values()):
@@ -67,13 +67,16 @@ class FixedPoint:
     def _scaled(self, flat: np.ndarray, weight: float, peak: float, noise: np.ndarray) -> tuple[np.ndarray, int]:
         """Stochastic rounding in integers: floor((v * 2^32 + u) / 2^32) with u uniform on
         [0, 2^32) rounds v up with probability frac(v) (v * 2^32 is truncated first: a bias
-        below 2^-32 of a step). Clipping runs only when some value needs it."""
+        below 2^-32 of a step). Clipping runs only when some value needs it; a non-finite value
+        is clipped too (NaN to 0, infinities to the bound) and counted, so no word ever leaves
+        the signed range the overflow check guarantees."""
         fine = weight * self.scale * 2.0**32
         limit = self.bound * self.scale * 2.0**32
         scaled = np.multiply(flat, fine, dtype=np.float64)
         clipped = 0
-        if peak * fine > limit:
-            clipped = int(np.count_nonzero(np.abs(scaled) > limit))
+        if not peak * fine <= limit:  # true for a NaN peak as well
+            clipped = int(np.count_nonzero(~(np.abs(scaled) <= limit)))
+            np.nan_to_num(scaled, copy=False, nan=0.0, posinf=limit, neginf=-limit)
             np.clip(scaled, -limit, limit, out=scaled)
         fixed = scaled.astype(np.int64)  # |v| * 2^32 < 2^63 where check() passed (|v| < 2^31)
         fixed += noise
