@@ -182,3 +182,40 @@ def test_resume_and_overwrite_guard_the_run_directory(tmp_path):
     more = run_cli("run", str(TINY), f"run.out={out}", "run.rounds=2", "--resume")
     assert more.returncode == 0, more.stderr[-2000:]
     assert [row["round"] for row in read_jsonl(out / "metrics" / "peer0.jsonl")] == [0, 1, 2]
+
+
+def test_sigterm_checkpoints_the_round_exits_130_and_resume_finishes_the_run(tmp_path):
+    """`kill` of a running job (SIGTERM to the launcher, torchrun and every peer): a computing
+    peer finishes its round, checkpoints it and exits 130 naming `--resume`; one waiting on
+    the network stops at once (its last checkpoint stands). Resuming runs the remaining rounds
+    once each, from the newest round every peer checkpointed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, rounds = tmp_path / "stopped", 40
+    command = [sys.executable, "-m", "p2pfed.cli", "run", str(TINY), f"run.out={out}", f"run.rounds={rounds}", "run.eval_every=40"]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = out / "metrics" / "peer0.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    assert metrics.exists(), "the run never started a round"
+    os.killpg(job.pid, signal.SIGTERM)
+    output = job.communicate(timeout=120)[0]
+    while subprocess.run(["pgrep", "-f", str(out / "config.json")], capture_output=True).returncode == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # torchrun and the peers wind down after the launcher
+    stopped = {rank: read_jsonl(out / "metrics" / f"peer{rank}.jsonl") for rank in range(4)}
+    last = min(rows[-1]["round"] for rows in stopped.values())
+    assert 3 <= last < rounds, output[-2000:]
+    assert job.returncode != 0, output[-2000:]
+    checkpointed = [sorted(int(p.stem.split("-")[1]) for p in (out / "checkpoints" / f"peer{rank}").iterdir()) for rank in range(4)]
+    assert all(c and c[-1] >= last - 1 for c in checkpointed)  # every peer kept its last round (or the one before, if stopped mid-save)
+
+    resumed = run_cli("run", str(TINY), f"run.out={out}", f"run.rounds={rounds}", "run.eval_every=40", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for rank in range(4):
+        rounds_logged = [row["round"] for row in read_jsonl(out / "metrics" / f"peer{rank}.jsonl")]
+        assert rounds_logged == list(range(rounds + 1))  # no round lost, none logged twice
