@@ -53,11 +53,12 @@ class Header:
 
 
 def seal(key: Ed25519PrivateKey, sender: int, receiver: int, round: int, step: int, epoch: int, codec: int, payload: bytes,
-         *, session: bytes = NO_SESSION, purpose: int = 0) -> bytes:
+         *, session: bytes = NO_SESSION, purpose: int = 0, digest: bytes | None = None) -> bytes:
     """Serialise and sign: header || signature(header) || payload. The session (drawn at every
-    process start) and the purpose bind the message to one run attempt and one use."""
+    process start) and the purpose bind the message to one run attempt and one use. `digest`:
+    the payload's SHA-256 when the caller already has it (one payload for many receivers)."""
     header = HEADER_STRUCT.pack(MAGIC, VERSION, codec, purpose, sender, receiver, round, step, epoch, len(payload),
-                                hashlib.sha256(payload).digest(), session)
+                                digest or hashlib.sha256(payload).digest(), session)
     return header + key.sign(header) + payload
 
 

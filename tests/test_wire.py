@@ -99,3 +99,13 @@ def test_random_corruption_of_a_valid_message_is_refused(position, mask):
 def test_parse_reads_the_fields():
     header, _, signature, payload = parse(message(), 64)
     assert (header.sender, header.receiver, header.round, payload, len(signature)) == (1, 2, 7, PAYLOAD, 64)
+
+
+def test_a_digest_computed_once_for_many_receivers_seals_the_same_bytes():
+    import hashlib
+
+    from p2pfed.identity import generate
+
+    key, payload = generate(0).signing, bytes(range(256)) * 40
+    digest = hashlib.sha256(payload).digest()
+    assert seal(key, 0, 1, 3, 0, 0, 0, payload, digest=digest) == seal(key, 0, 1, 3, 0, 0, 0, payload)
