@@ -129,8 +129,9 @@ SUITES = {
     "compression": Suite("launch/configs/demo.toml", "compression settings on the demo task (SmolLM2-135M, 4 peers, ring)",
                          COMPRESSION_ROWS, ("run.eval_every=12",)),
     "robust": Suite("launch/configs/bench.toml", "Byzantine peers against ClippedGossip on SmolLM2-135M, 8 peers, exponential graph "
-                    "(trimmed mean and median then run on the attack clipping handles worst)",
-                    robust_rows(("exponential",), (1,), ("none", "clip")), ("bench.probes=5",), judge="robust"),
+                    "(6 rounds; trimmed mean and median then run on the attack clipping handles worst)",
+                    robust_rows(("exponential",), (1,), ("none", "clip")), ("run.rounds=6", "run.eval_every=6", "bench.probes=5"),
+                    judge="robust"),
     "robust-tiny": Suite("launch/configs/tiny.toml", "the whole Byzantine grid on the tiny model, 8 peers: ring and exponential, "
                          "1 and 2 attackers, every attack, every rule",
                          robust_rows(("ring", "exponential"), (1, 2), ("none", "clip", "trimmed", "median")),
