@@ -203,18 +203,22 @@ class Averager:
         for j in senders:
             if j not in heard:  # a late copy must not count after the exchange went on without it
                 self.verifier.close(j, round, step, (nb.data_kind, phases.ABSTAIN))  # type: ignore[union-attr]
-        # phases 2-5 talk only between a receiver and its helpers: those whose data arrived
         lists = phases.choose_survivors(nb, state, channel, heard, arrived)
-        lists_heard, writers = channel.exchange(lists, phases.SURVIVORS, receivers, (phases.SURVIVORS,), phases.max_survivors_payload(nb), 2)
-        writers = sorted(writers)
-        consents = phases.consent(nb, state, channel, lists_heard, writers)
-        consents_heard, _ = channel.exchange(consents, phases.CONSENT, state.helpers, (phases.CONSENT,), phases.SIGNATURE_SIZE, 3)
-        bundles = phases.collect_consents(nb, state, channel, consents_heard)
-        bundles_heard, _ = channel.exchange(bundles, phases.CONSENTS, writers, (phases.CONSENTS,),
-                                            phases.SIGNATURE_SIZE * self.topology.n, 4)
-        releases = phases.release(nb, state, channel, bundles_heard, writers)
-        releases_heard, _ = channel.exchange(releases, phases.RELEASE, state.helpers, (phases.RELEASE,),
-                                             phases.max_release_payload(nb, state.count), 5)
+        releases_heard: dict[int, tuple[int, bytes]] = {}
+        if phases.any_recovery(nb, round):  # the same answer at every peer: all run phases 2-5, or none
+            # phases 2-5 talk only between a recovering receiver and its helpers: those whose data arrived
+            recovering = [i for i in receivers if phases.recovers(nb, i, round)]
+            lists_heard, writers = channel.exchange(lists, phases.SURVIVORS, recovering, (phases.SURVIVORS,),
+                                                    phases.max_survivors_payload(nb), 2)
+            writers = sorted(writers)
+            consents = phases.consent(nb, state, channel, lists_heard, writers)
+            consents_heard, _ = channel.exchange(consents, phases.CONSENT, state.helpers, (phases.CONSENT,), phases.SIGNATURE_SIZE, 3)
+            bundles = phases.collect_consents(nb, state, channel, consents_heard)
+            bundles_heard, _ = channel.exchange(bundles, phases.CONSENTS, writers, (phases.CONSENTS,),
+                                                phases.SIGNATURE_SIZE * self.topology.n, 4)
+            releases = phases.release(nb, state, channel, bundles_heard, writers)
+            releases_heard, _ = channel.exchange(releases, phases.RELEASE, state.helpers, (phases.RELEASE,),
+                                                 phases.max_release_payload(nb, state.count), 5)
         total = phases.unmask(nb, state, channel, releases_heard)
 
         cost = state.cost

@@ -79,16 +79,19 @@ def chi_square_bytes(data: bytes) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def test_what_a_real_sender_puts_on_the_wire_is_indistinguishable_from_uniform():
-    """Capture peer 0's data message to peer 1 from a real secure exchange (in-process ring of
-    3, keys and rounding seeded), take the masked words out of the envelope, and test their
-    bytes: uniform to a chi-square test, while the same adapter's plain encoding is not."""
+@pytest.mark.parametrize("topology_file, world, holders", [("ring.toml", 3, None), ("torus.toml", 6, [2, 4])])
+def test_what_a_real_sender_puts_on_the_wire_is_indistinguishable_from_uniform(topology_file, world, holders):
+    """Capture peer 0's data message to peer 1 from a real secure exchange (in-process, keys and
+    rounding seeded), take the masked words out of the envelope, and test their bytes: uniform
+    to a chi-square test, while the same adapter's plain encoding is not. On a ring of 3 the
+    receiver needs both senders, so the words carry pair masks alone; on a 2x3 torus
+    (receiver 1 hears 0, 2 and 4: a sum of two can complete) they carry a self mask too."""
     from p2pfed.secure.messages import decode_data
     from p2pfed.wire import parse
 
-    world, count = 3, 50_000
+    count = 50_000
     hub, (keys, roster) = LocalHub(world, timeout_s=20), identities(world)
-    ring = load_topology(ROOT / "topologies/ring.toml", world)
+    ring = load_topology(ROOT / f"topologies/{topology_file}", world)
     values = torch.linspace(-0.05, 0.05, count)  # a smooth, very non-uniform adapter slice
     captured: dict = {}
 
@@ -106,7 +109,7 @@ def test_what_a_real_sender_puts_on_the_wire_is_indistinguishable_from_uniform()
 
     on_threads(peer, world)
     _, _, _, payload = parse(captured["data"][1], 10 * count)
-    words = decode_data(payload, count, [2]).words  # receiver 1's other sender holds the share
+    words = decode_data(payload, count, holders).words  # the length must be exactly the layout's
     critical = 400.0  # chi-square with 255 degrees of freedom, p ~ 1e-10 (the self mask's seed is fresh by design)
     assert chi_square_bytes(words.tobytes()) < critical
     plain, _ = FIXED.encode(values * float(ring.weights(0)[1, 0]), torch.Generator().manual_seed(0))

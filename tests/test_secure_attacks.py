@@ -73,10 +73,10 @@ def vectors(seed: int = 0) -> dict[int, torch.Tensor]:
     return {r: torch.randn(N, generator=torch.Generator().manual_seed(seed * 100 + r)) * 0.1 for r in range(WORLD)}
 
 
-def run(values, keys, roster, rewrite=None, flip_peer: int | None = None, min_present: int = 2):
-    """One secure round on the torus; returns (topology, the receiver's tap, every peer's (vector, stats))."""
+def run(values, keys, roster, rewrite=None, flip_peer: int | None = None, min_present: int = 2, topology_file: str = "torus.toml"):
+    """One secure round (the torus unless told); returns (topology, the receiver's tap, every peer's (vector, stats))."""
     hub = LocalHub(WORLD, timeout_s=10)
-    topology = load_topology(ROOT / "topologies/torus.toml", WORLD)
+    topology = load_topology(ROOT / "topologies" / topology_file, WORLD)
     taps, results = {}, {}
 
     def peer(rank):
@@ -148,6 +148,26 @@ def test_attack_1_a_refused_message_plus_the_released_corrections_reveals_nothin
             assert (mixed - expected).abs().max() <= len(heard) * FIXED.resolution + 1e-6
             assert not stats.abandoned and stats.dropouts == (1 if victim in senders else 0)
             assert stats.rejected == ({"digest": 1} if victim in senders else {})
+
+
+def test_attack_1_on_a_ring_the_receiver_gets_only_pair_masked_data_and_no_correction_exists():
+    """A ring receiver needs both senders, so the exchange is the data phase alone: when the
+    victim's message is refused (one flipped bit), nothing else is ever sent to the receiver,
+    the refused words stay uniform, and the only thing the two messages can give together is
+    the sum of both senders (what secure averaging reveals anyway); the receiver abandons."""
+    keys, roster = identities(WORLD)
+    values, victim, other = vectors(3), 0, 2  # ring of 6: receiver 1 hears 0 and 2
+    topology, tap, results = run(values, keys, roster, flip_peer=victim, topology_file="ring.toml")
+    weights = topology.weights(0)
+    assert sorted({k for _, k, _ in tap.seen}) == [DATA] and len(tap.seen) == 2  # no list, consent or release at all
+    refused, heard = words(tap.payloads(victim, DATA)[0]), words(tap.payloads(other, DATA)[0])
+    assert_hidden(refused, float(weights[RECEIVER, victim]) * values[victim])
+    both = float(weights[RECEIVER, victim]) * values[victim] + float(weights[RECEIVER, other]) * values[other]
+    off = (FIXED.decode(refused + heard) - both).abs() > 2 * FIXED.resolution + 1e-6
+    assert int(off.sum()) <= 1  # the sum of both, but for the word the flipped bit hit
+    mixed, stats = results[RECEIVER]
+    assert stats.abandoned and stats.rejected == {"digest": 1} and torch.equal(mixed, values[RECEIVER])
+    assert not results[3][1].abandoned and results[3][1].dropouts == 0  # a receiver the victim does not send to completes
 
 
 def lying_receiver(keys):

@@ -72,11 +72,15 @@ def data_length(count: int, holders: int) -> int:
     return 4 * count + COMMITMENT_SIZE + SEALED_SHARE_SIZE * holders
 
 
-def decode_data(payload: bytes, count: int, holders: list[int]) -> Data:
-    """The parts of a data message, its length checked first."""
-    if len(payload) != data_length(count, len(holders)):
-        raise SecureError(f"masked message of {len(payload)} bytes, expected {data_length(count, len(holders))}", "malformed")
+def decode_data(payload: bytes, count: int, holders: list[int] | None) -> Data:
+    """The parts of a data message, its length checked first. `holders` None: pair-masked
+    words alone (a receiver that needs every sender: no seed, no shares)."""
+    expected = 4 * count if holders is None else data_length(count, len(holders))
+    if len(payload) != expected:
+        raise SecureError(f"masked message of {len(payload)} bytes, expected {expected}", "malformed")
     words = np.frombuffer(payload, dtype="<u4", count=count)  # read-only view of the payload
+    if holders is None:
+        return Data(words, b"", {})
     start = 4 * count + COMMITMENT_SIZE
     sealed = {k: payload[start + n * SEALED_SHARE_SIZE: start + (n + 1) * SEALED_SHARE_SIZE] for n, k in enumerate(holders)}
     return Data(words, payload[4 * count: start], sealed)

@@ -20,6 +20,12 @@ in-neighbours), so each phase is one lockstep exchange in which it plays both pa
 
 Any failure (too few present, a helper that declines or lies) abandons the sum: the
 receiver keeps its own adapter; nothing partial is ever unmasked.
+
+Only a receiver whose sum can complete without one of its senders (more senders than
+`max(2, min_present)`) needs phases 2-6. A receiver that needs every sender (a ring, or
+`min_present` at its degree) gets pair masks alone in one exchange and sums them if all
+arrived: with no correction ever released, no pair mask can be peeled off, so a refused or
+lying count gains nothing, and self masks, shares and the consent check would be pure cost.
 """
 
 from __future__ import annotations
@@ -131,6 +137,17 @@ def viable(survivors: Survivors, senders: int, min_present: int = 2) -> bool:
     return len(survivors.present) >= max(2, min_present) and len(survivors.helpers) - 1 >= threshold(senders)
 
 
+def recovers(nb: Neighbourhood, receiver: int, round: int) -> bool:
+    """Whether `receiver`'s sum can complete with a sender missing: only then are self masks,
+    shares and phases 2-6 needed (every peer reads the same topology, so all agree)."""
+    return len(nb.topology.in_neighbours(receiver, round)) > max(2, nb.min_present)
+
+
+def any_recovery(nb: Neighbourhood, round: int) -> bool:
+    """Whether any receiver of this round recovers: if none does, no peer runs phases 2-5."""
+    return any(recovers(nb, i, round) for i in range(nb.topology.n))
+
+
 def _timed(cost: SecureCost, start: float) -> None:
     cost.mask_s += time.perf_counter() - start
 
@@ -146,6 +163,10 @@ def send_data(nb: Neighbourhood, state: Exchange, values: torch.Tensor) -> dict[
         plain_words, clipped = encoded[i]
         state.cost.clipped += clipped
         start = time.perf_counter()
+        if not recovers(nb, i, round):  # pair masks alone: they cancel only in the sum of all senders
+            out[i] = encode_data(nb.masks.mask(context, senders, state.count, onto=plain_words.copy()), b"", [])
+            _timed(state.cost, start)
+            continue
         seed = os.urandom(SEED_SIZE)  # fresh per context, never stored
         words = plain_words + self_mask(seed, context, state.count)  # a new array: plain_words may serve another receiver
         nb.masks.mask(context, senders, state.count, onto=words)
@@ -163,21 +184,27 @@ def commit(seed: bytes, context: Context) -> bytes:
 
 def max_data_payload(nb: Neighbourhood, state: Exchange) -> int:
     """The exact size of every data message this peer receives in this exchange."""
+    if not recovers(nb, nb.rank, state.round):
+        return 4 * state.count
     return data_length(state.count, len(nb.topology.in_neighbours(nb.rank, state.round)) - 1)
 
 
 def choose_survivors(nb: Neighbourhood, state: Exchange, channel: Channel, heard: dict[int, tuple[int, bytes]],
                      arrived: set[int]) -> dict[int, bytes]:
     """Phase 2, as a receiver: who is present and who helps; each helper's list and shares."""
-    senders = nb.topology.in_neighbours(nb.rank, state.round)
+    senders, recovering = nb.topology.in_neighbours(nb.rank, state.round), recovers(nb, nb.rank, state.round)
     for j, (kind, payload) in sorted(heard.items()):
         if kind != nb.data_kind:
             channel.refuse(j, SecureError(f"peer {j} abstained", "abstain"))
             continue
         try:
-            state.data[j] = decode_data(payload, state.count, [k for k in senders if k != j])
+            state.data[j] = decode_data(payload, state.count, [k for k in senders if k != j] if recovering else None)
         except SecureError as err:
             channel.refuse(j, err)
+    if not recovering:  # all or nothing, and no one to ask
+        state.cost.dropouts = len(senders) - len(state.data)
+        state.survivors = Survivors(tuple(sorted(state.data)), ()) if len(state.data) == len(senders) else None
+        return {}
     survivors = Survivors(tuple(sorted(state.data)), tuple(j for j in senders if j in arrived))
     state.helpers = list(survivors.helpers)
     state.cost.dropouts = len(senders) - len(survivors.present)
@@ -280,6 +307,11 @@ def unmask(nb: Neighbourhood, state: Exchange, channel: Channel, releases: dict[
     survivors = state.survivors
     if survivors is None:
         return None
+    if not recovers(nb, nb.rank, state.round):  # every sender present: the pair masks cancel in the plain sum
+        total = np.zeros(state.count, dtype=np.uint32)
+        for j in survivors.present:
+            total += state.data[j].words
+        return nb.fixed.decode(total)
     context, senders = state.context(nb.rank), nb.topology.in_neighbours(nb.rank, state.round)
     missing, needed = survivors.missing(senders), threshold(len(senders))
     held: dict[int, dict[int, bytes]] = {j: {} for j in survivors.present}
