@@ -81,8 +81,12 @@ COMPRESSION_ROWS = (
 )
 SECURE_ROWS = (
     Row("plain gossip, fp32"),
-    Row("secure (double-masked, consent-checked), fp32", ("gossip.secure=true",)),
+    Row("secure, fp32 (ring: every sender needed, pair masks, one exchange)", ("gossip.secure=true",)),
+    Row("plain gossip, fp32, complete graph", ("gossip.topology=topologies/complete.toml",)),
+    Row("secure, fp32, complete graph (dropout recovery: double-masked, consent-checked)",
+        ("gossip.topology=topologies/complete.toml", "gossip.secure=true")),
 )
+"""Each secure row is judged against the plain row above it (the same graph)."""
 
 
 def convergence_rows(peers: int, local_steps: int) -> tuple[Row, ...]:

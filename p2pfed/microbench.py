@@ -71,6 +71,13 @@ def _measure(size: str, min_total_s: float) -> list[dict[str, Any]]:
         add(f"encode {spec}", f"{label} -> {len(payload):,} B", best_time(lambda: codec.encode(vector, 0, 0), min_total_s), mb)
         add(f"decode {spec}", label, best_time(lambda: codec.decode(payload, vector.numel(), 0, 0), min_total_s), mb)
 
+    import hashlib
+
+    from p2pfed.wire import payload_digest
+
+    dense = build_codec("fp32").encode(vector)
+    add("digest SHA-256 (before)", f"{len(dense):,} B payload", best_time(lambda: hashlib.sha256(dense).digest(), min_total_s), len(dense) / 1e6)
+    add("digest BLAKE3 (envelope)", f"{len(dense):,} B payload", best_time(lambda: payload_digest(dense), min_total_s), len(dense) / 1e6)
     sender, receiver = generate(0), generate(1)
     roster = Roster({0: sender.public(), 1: receiver.public()})
     for payload in (bytes(64), build_codec("fp32").encode(vector)):

@@ -1,24 +1,27 @@
 """The envelope every gossip message travels in: header, Ed25519 signature, payload.
 
 The header is canonical (fixed-width little-endian fields, a version byte, the payload's
-SHA-256), and the signature covers it, so it covers the payload through the digest.
+BLAKE3 digest), and the signature covers it, so it covers the payload through the digest.
+BLAKE3 (the `blake3` package) hashes a 1.8 MB payload about 3x faster than SHA-256 here
+(`make bench SUITE=quick`, micro-benchmarks), and every byte of every message is hashed
+twice, once by its sender and once by its receiver.
 Parsing is strict: lengths are checked before anything is read, and nothing but
 `WireError` escapes, whose `reason` is one word the metrics count.
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass, field
 
+from blake3 import blake3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pfed.identity import Roster
 
 MAGIC = b"P2PF"
-VERSION = 3
+VERSION = 4
 HEADER_STRUCT = struct.Struct("<4sBBHIIIIIQ32s16s")
 SESSION_SIZE = 16
 NO_SESSION = bytes(SESSION_SIZE)
@@ -26,6 +29,10 @@ HEADER_SIZE = HEADER_STRUCT.size
 SIGNATURE_SIZE = 64
 OVERHEAD = HEADER_SIZE + SIGNATURE_SIZE
 
+
+def payload_digest(payload: bytes) -> bytes:
+    """The 32-byte BLAKE3 digest a header signs for its payload."""
+    return blake3(payload).digest()
 
 
 class WireError(ValueError):
@@ -56,9 +63,9 @@ def seal(key: Ed25519PrivateKey, sender: int, receiver: int, round: int, step: i
          *, session: bytes = NO_SESSION, purpose: int = 0, digest: bytes | None = None) -> bytes:
     """Serialise and sign: header || signature(header) || payload. The session (drawn at every
     process start) and the purpose bind the message to one run attempt and one use. `digest`:
-    the payload's SHA-256 when the caller already has it (one payload for many receivers)."""
+    `payload_digest(payload)` when the caller already has it (one payload for many receivers)."""
     header = HEADER_STRUCT.pack(MAGIC, VERSION, codec, purpose, sender, receiver, round, step, epoch, len(payload),
-                                digest or hashlib.sha256(payload).digest(), session)
+                                digest or payload_digest(payload), session)
     return header + key.sign(header) + payload
 
 
@@ -107,8 +114,8 @@ class Verifier:
             keys.signing.verify(signature, header_bytes)
         except InvalidSignature:
             raise WireError("bad_signature", f"signature does not verify against peer {header.sender}'s roster key") from None
-        if hashlib.sha256(payload).digest() != header.digest:
-            raise WireError("digest", "payload does not match the signed SHA-256 digest")
+        if payload_digest(payload) != header.digest:
+            raise WireError("digest", "payload does not match the signed BLAKE3 digest")
         if header.session != self.session:
             raise WireError("session", f"sealed for session {header.session.hex()[:8]}, not this run attempt's {self.session.hex()[:8]}")
         if header.purpose != purpose:

@@ -61,12 +61,16 @@ def test_results_name_the_commit_of_every_row():
 
 def test_secure_line_reports_gap_bytes_mask_share_and_exchange_time_against_the_goals():
     plain, secure = row("plain", 1000.0, 40.0), {**row("secure", 1010.0, 40.4), "mask_s": 0.02}
-    assert secure_line([plain, secure]) == ("Secure averaging against row 1: secure: perplexity gap +1.000% (goal <= 0.1%: **missed**), "
+    assert secure_line([plain, secure]) == ("Secure averaging against the plain row above it: secure: perplexity gap +1.000% (goal <= 0.1%: **missed**), "
                                             "+1.000% bytes (goal <= 2%: **met**), masks 2.000% of a round.")
     timed = {**secure, "global_ppl": 40.02, "probe_gossip_s": 0.012, "probe_plain_s": 0.010}  # 1.2x the plain exchange
     assert secure_line([plain, timed]).endswith("perplexity gap +0.050% (goal <= 0.1%: **met**), +1.000% bytes (goal <= 2%: **met**), "
                                                 "masks 2.000% of a round; whole exchange 12.0 ms secure vs 10.0 ms plain in the "
                                                 "same run, 1.20x (goal <= 1.25x: **met**).")
+    # a second graph: its secure row is judged against its own plain row, not row 1
+    other_plain, other_secure = row("plain, other graph", 3000.0, 50.0), {**row("secure, other graph", 3030.0, 50.0), "mask_s": 0.02}
+    line = secure_line([plain, secure, other_plain, other_secure])
+    assert "secure, other graph: perplexity gap +0.000% (goal <= 0.1%: **met**), +1.000% bytes" in line
 
 
 def full_rows(exponential_ppl=40.5, compressed_bytes=90.0, secure_ppl=41.0, codec_s=0.01):

@@ -172,3 +172,27 @@ def test_exact_consensus_is_measured_every_e_rounds_and_after_the_last():
 
     assert [t for t in range(1, 8) if is_measured(t, ConsensusSection(every=3), 7)] == [3, 6, 7]
     assert not any(is_measured(t, ConsensusSection(every=0), 7) for t in range(1, 8))
+
+
+def test_a_neighbour_value_is_finite_only_without_nan_infinity_or_overflowing_squares():
+    from p2pfed.gossip import finite
+
+    honest = torch.randn(10_000) * 0.05
+    assert finite(honest)
+    for poison in (float("nan"), float("inf"), -float("inf"), 1e20, -3e19):  # 3e19 squared passes float32's 3.4e38
+        hostile = honest.clone()
+        hostile[1234] = poison
+        assert not finite(hostile), poison
+
+
+def test_local_consensus_is_half_the_weighted_squared_distance_to_each_neighbour_heard():
+    import numpy as np
+
+    from p2pfed.gossip import local_consensus
+
+    generator = torch.Generator().manual_seed(5)
+    own, heard = torch.randn(3000, generator=generator), {j: torch.randn(3000, generator=generator) for j in (2, 5)}
+    weights = torch.tensor([0.0, 0.0, 0.3, 0.0, 0.0, 0.2])
+    expected = 0.5 * sum(float(weights[j]) * float(((own.double().numpy() - v.double().numpy()) ** 2).sum()) for j, v in heard.items())
+    assert np.isclose(local_consensus(own, heard, weights), expected, rtol=1e-5)
+    assert local_consensus(own, {}, weights) == 0.0
