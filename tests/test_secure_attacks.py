@@ -161,13 +161,48 @@ def test_attack_1_on_a_ring_the_receiver_gets_only_pair_masked_data_and_no_corre
     weights = topology.weights(0)
     assert sorted({k for _, k, _ in tap.seen}) == [DATA] and len(tap.seen) == 2  # no list, consent or release at all
     refused, heard = words(tap.payloads(victim, DATA)[0]), words(tap.payloads(other, DATA)[0])
+    # the receiver removes what it can (its own receiver masks): the refused words stay behind the pair mask
+    context, masks = Context(HEADER_STRUCT.unpack_from(tap.raw[0])[11], 0, 0, 0, RECEIVER), PairwiseMasks(keys[RECEIVER], roster)
+    refused, heard = refused - masks.receiver_mask(victim, context, N), heard - masks.receiver_mask(other, context, N)
     assert_hidden(refused, float(weights[RECEIVER, victim]) * values[victim])
     both = float(weights[RECEIVER, victim]) * values[victim] + float(weights[RECEIVER, other]) * values[other]
     off = (FIXED.decode(refused + heard) - both).abs() > 2 * FIXED.resolution + 1e-6
-    assert int(off.sum()) <= 1  # the sum of both, but for the word the flipped bit hit
+    assert int(off.sum()) <= 1  # together only the sum of both (what secure averaging reveals), but for the flipped word
     mixed, stats = results[RECEIVER]
     assert stats.abandoned and stats.rejected == {"digest": 1} and torch.equal(mixed, values[RECEIVER])
     assert not results[3][1].abandoned and results[3][1].dropouts == 0  # a receiver the victim does not send to completes
+
+
+def test_an_eavesdropper_summing_every_receivers_ring_messages_learns_nothing():
+    """Everything every peer of a ring of 6 puts on the wire, read by someone with no keys: the
+    data messages to each receiver summed per receiver, then W x = s solved for every adapter
+    (the off-diagonal weights of a ring of 6 are invertible). Pair masks alone cancel in those
+    sums (seen recovering all six adapters to 3e-6); the receiver masks keep them uniform."""
+    keys, roster = identities(WORLD)
+    values, hub = vectors(4), LocalHub(WORLD, timeout_s=10)
+    topology = load_topology(ROOT / "topologies/ring.toml", WORLD)
+    wire: list[bytes] = []
+
+    class Wiretap(Tap):
+        def exchange(self, outgoing, *args, **kwargs):
+            wire.extend(outgoing.values())
+            return super().exchange(outgoing, *args, **kwargs)
+
+    def peer(rank):
+        Averager(Wiretap(hub.transport(rank)), "gossip", build_codec("fp32"), topology, keys[rank], roster, secure=FIXED,
+                 seed=rank).average(values[rank], 0)
+
+    on_threads(peer, WORLD)
+    sums = np.zeros((WORLD, N), dtype=np.uint32)
+    for message in wire:
+        header = HEADER_STRUCT.unpack_from(message)
+        sums[header[5]] += words(message[OVERHEAD:])  # header[5]: the receiver
+    weights = topology.weights(0).astype(np.float64)
+    np.fill_diagonal(weights, 0.0)
+    solved = np.linalg.solve(weights, np.stack([FIXED.decode(sums[i]).double().numpy() for i in range(WORLD)]))
+    for rank in range(WORLD):
+        assert float(np.median(np.abs(solved[rank] - values[rank].double().numpy()))) > 1.0  # the values are ~0.07
+        assert chi_square_bytes(sums[rank].tobytes()) < CRITICAL
 
 
 def lying_receiver(keys):

@@ -70,6 +70,11 @@ class PairwiseMasks:
         """The AEAD key of a helper's release to a receiver: only the receiver reads shares and corrections."""
         return derive(self.secret(other), b"release", context)
 
+    def receiver_mask(self, other: int, context: Context, count: int) -> np.ndarray:
+        """PRG(s_{sender,receiver}, context): what a sender adds for a receiver that needs every
+        sender, so that only the receiver (never the wire) can read its sum."""
+        return prg_words(derive(self.secret(other), b"receiver", context), count)
+
     def mask(self, context: Context, others: list[int], count: int, onto: np.ndarray | None = None) -> np.ndarray:
         """sum over k in `others` (k != me) of sign(me, k) * PRG(s_{me,k}, context), mod 2^32;
         added in place to `onto` when given (no copy of a large vector)."""

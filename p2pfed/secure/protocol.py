@@ -23,9 +23,12 @@ receiver keeps its own adapter; nothing partial is ever unmasked.
 
 Only a receiver whose sum can complete without one of its senders (more senders than
 `max(2, min_present)`) needs phases 2-6. A receiver that needs every sender (a ring, or
-`min_present` at its degree) gets pair masks alone in one exchange and sums them if all
-arrived: with no correction ever released, no pair mask can be peeled off, so a refused or
-lying count gains nothing, and self masks, shares and the consent check would be pure cost.
+`min_present` at its degree) gets one exchange: each sender adds the pair masks and a
+receiver mask from its pair key with the receiver, which only the receiver can remove (the
+pair masks alone cancel in the sum of a receiver's messages, which an eavesdropper could
+then read off the wire). The receiver sums them if all arrived: with no correction ever
+released, no pair mask can be peeled off, so a refused or lying count gains nothing, and
+self masks, shares and the consent check would be pure cost.
 """
 
 from __future__ import annotations
@@ -163,8 +166,10 @@ def send_data(nb: Neighbourhood, state: Exchange, values: torch.Tensor) -> dict[
         plain_words, clipped = encoded[i]
         state.cost.clipped += clipped
         start = time.perf_counter()
-        if not recovers(nb, i, round):  # pair masks alone: they cancel only in the sum of all senders
-            out[i] = encode_data(nb.masks.mask(context, senders, state.count, onto=plain_words.copy()), b"", [])
+        if not recovers(nb, i, round):  # pair masks (cancel only in the sum of all) and the receiver's mask
+            words = nb.masks.mask(context, senders, state.count, onto=plain_words.copy())
+            words += nb.masks.receiver_mask(i, context, state.count)
+            out[i] = encode_data(words, b"", [])
             _timed(state.cost, start)
             continue
         seed = os.urandom(SEED_SIZE)  # fresh per context, never stored
@@ -307,10 +312,12 @@ def unmask(nb: Neighbourhood, state: Exchange, channel: Channel, releases: dict[
     survivors = state.survivors
     if survivors is None:
         return None
-    if not recovers(nb, nb.rank, state.round):  # every sender present: the pair masks cancel in the plain sum
-        total = np.zeros(state.count, dtype=np.uint32)
+    if not recovers(nb, nb.rank, state.round):  # every sender present: the pair masks cancel in the sum
+        start, total = time.perf_counter(), np.zeros(state.count, dtype=np.uint32)
         for j in survivors.present:
             total += state.data[j].words
+            total -= nb.masks.receiver_mask(j, state.context(nb.rank), state.count)
+        _timed(state.cost, start)
         return nb.fixed.decode(total)
     context, senders = state.context(nb.rank), nb.topology.in_neighbours(nb.rank, state.round)
     missing, needed = survivors.missing(senders), threshold(len(senders))
