@@ -357,6 +357,10 @@ class Config:
     def check(self) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).check()
+        if self.gossip.secure and self.consensus.target > 0:
+            raise ConfigError("[consensus] target: consensus control exchanges again the very adapters whose network mean monitoring "
+                              "just gave every peer, and that mean less a neighbourhood's sum is the rest of the network (one peer's "
+                              "adapter on a ring of 4); set target = 0 in secure mode")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

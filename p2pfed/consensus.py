@@ -80,6 +80,8 @@ def gossip_round(averager: Averager, vector: torch.Tensor, round: int, transport
     vector, first = averager.average(vector, round, 0)
     steps, masked = [first], averager.monitor()
     control = section.target > 0 and averager.mode == "gossip"
+    if control and averager.secure is not None:  # the config refuses it too; this guards the library path
+        raise ValueError("consensus control re-exchanges the adapters whose network mean monitoring revealed: not in secure mode")
     distance = exact_consensus_distance(vector, transport, masked) if measure or control else None
     target = None
     if control:

@@ -80,6 +80,8 @@ class Averager:
                                                       Codec.STRUCTURES.index(codec.structure), torch.Generator().manual_seed(seed),
                                                       min_present)
         self._monitor: MaskedSum | None = None
+        self.sent_digests: set[bytes] = set()
+        """Secure mode: digests of the vectors sent in this session (none is sent twice)."""
         self.contexts: set[tuple[int, int, int]] = set()
         """(purpose, round, step) exchanged in this session: none may repeat (masks would)."""
         self.session = b""
@@ -194,10 +196,16 @@ class Averager:
         channel = _SecureChannel(self, round, step, purpose, stats)
 
         start = time.perf_counter()
-        data = phases.send_data(nb, state, sent)
+        kind = nb.data_kind
+        if self._sent_before(sent):  # abstain: a sum of it over other present senders would unmask one of them
+            data, kind, stats.repeats = {i: b"" for i in receivers}, phases.ABSTAIN, 1
+            log.warning("peer %d, round %d: abstaining from a secure exchange of a vector it already sent in this session",
+                        self.rank, round + 1)
+        else:
+            data = phases.send_data(nb, state, sent)
         stats.codec_s += time.perf_counter() - start - state.cost.mask_s
         stats.bytes_fp32 = len(data) * (OVERHEAD + 4 * vector.numel())
-        heard, arrived = channel.exchange(data, nb.data_kind, senders, (nb.data_kind, phases.ABSTAIN),
+        heard, arrived = channel.exchange(data, kind, senders, (nb.data_kind, phases.ABSTAIN),
                                           phases.max_data_payload(nb, state), patience=1, tamper=True)
         for j in senders:
             if j not in heard:  # a late copy must not count after the exchange went on without it
@@ -238,6 +246,16 @@ class Averager:
             mixed[chosen] = values * self_weight + total
         stats.codec_s += time.perf_counter() - start
         return mixed, stats
+
+    def _sent_before(self, values: torch.Tensor) -> bool:
+        """Secure mode: whether this exact vector was already sent in this session (and remember it).
+        A sum abandoned by a spoiled release leaves a peer's adapter unchanged for the next step;
+        sent again, a receiver could choose a different present list and subtract the two sums."""
+        digest = payload_digest(values.detach().contiguous().numpy().tobytes())
+        if digest in self.sent_digests:
+            return True
+        self.sent_digests.add(digest)
+        return False
 
     def _allreduce(self, vector: torch.Tensor) -> tuple[torch.Tensor, RoundStats]:
         n = self.transport.world_size

@@ -220,6 +220,7 @@ class Peer:
             "dropouts": total("dropouts"),
             "abandoned": total("abandoned"),
             "inconsistent": total("inconsistent"),
+            "repeats": total("repeats"),
             "clipped": total("clipped"),
         }
 
@@ -401,7 +402,7 @@ def summary_row(data: bytes, rank: int, own: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-SUMMED = ("bytes_per_round", "bytes_total", "rejected", "injected", "dropouts", "abandoned", "inconsistent", "clipped",
+SUMMED = ("bytes_per_round", "bytes_total", "rejected", "injected", "dropouts", "abandoned", "inconsistent", "repeats", "clipped",
           "compute_s_per_round", "codec_s_per_round", "crypto_s_per_round", "comm_s_per_round", "mask_s_per_round",
           "round_s", "gossip_steps")
 

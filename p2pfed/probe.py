@@ -52,9 +52,12 @@ def probe_exchange(averager: Averager, transport: TorchTransport, vector: torch.
             start = time.perf_counter()
             twin.average(torch.randn(vector.shape, dtype=vector.dtype), round, purpose=Purpose.PROBE)
             plain_times.append(time.perf_counter() - start)
+        # secure mode: a fresh stand-in too, never the final adapter, whose network mean monitoring
+        # just revealed (mean less a neighbourhood's sum is the rest of the network)
+        sent = vector if twin is None else torch.randn(vector.shape, dtype=vector.dtype)
         transport.barrier()
         start = time.perf_counter()
-        _, stats = averager.average(vector, round, purpose=Purpose.PROBE)
+        _, stats = averager.average(sent, round, purpose=Purpose.PROBE)
         gossip_times.append(time.perf_counter() - start)
         receivers = averager.topology.out_neighbours(rank, round)
         senders = averager.topology.in_neighbours(rank, round)

@@ -33,6 +33,10 @@ class RoundStats:
     inconsistent: int = 0
     """Secure mode: receivers this peer released nothing to, because their helpers did not
     all sign the same survivor list (a receiver lying about who is present)."""
+    repeats: int = 0
+    """Secure mode: exchanges this peer abstained from because its vector was bit-identical
+    to one it already sent in this session (two sums of one vector over different present
+    senders would differ by one sender's adapter)."""
     local_consensus: float | None = None
     """(1/2) sum_j W_ij ||x_i - x_j||^2 over the neighbours heard (free; before mixing). Its
     mean over peers is Xi^2 exactly for a complete graph with uniform weights."""
@@ -55,6 +59,7 @@ class RoundStats:
             total.clipped += s.clipped
             total.dropouts += s.dropouts
             total.inconsistent += s.inconsistent
+            total.repeats += s.repeats
             total.abandoned = total.abandoned or s.abandoned
             for reason, count in s.rejected.items():
                 total.rejected[reason] = total.rejected.get(reason, 0) + count

@@ -24,7 +24,7 @@ from p2pfed.codec import build_codec
 from p2pfed.config import FaultSection
 from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager
-from p2pfed.secure import CONSENT, CONSENTS, RELEASE, SURVIVORS, Context, FixedPoint, PairwiseMasks, SecureError, self_mask
+from p2pfed.secure import ABSTAIN, CONSENT, CONSENTS, RELEASE, SURVIVORS, Context, Purpose, FixedPoint, PairwiseMasks, SecureError, self_mask
 from p2pfed.secure.messages import Survivors, decode_data, encode_survivors
 from p2pfed.secure.protocol import commit
 from p2pfed.secure.shares import SHARE_SIZE, combine, threshold
@@ -203,6 +203,39 @@ def test_an_eavesdropper_summing_every_receivers_ring_messages_learns_nothing():
     for rank in range(WORLD):
         assert float(np.median(np.abs(solved[rank] - values[rank].double().numpy()))) > 1.0  # the values are ~0.07
         assert chi_square_bytes(sums[rank].tobytes()) < CRITICAL
+
+
+def test_a_vector_already_sent_in_the_session_is_never_sent_again_so_no_two_sums_share_it():
+    """A helper that spoils its releases leaves its receivers' sums abandoned, so their adapters
+    stay as they were; a second exchange of the same vectors (a consensus step, a probe) would
+    let a receiver drop one sender and subtract the two sums (seen recovering the victim to
+    1e-5 through consensus control). Now every peer abstains from re-sending an identical
+    vector, counts it, and no sum of the second exchange completes."""
+    keys, roster = identities(WORLD)
+    values, hub = vectors(5), LocalHub(WORLD, timeout_s=10)
+    topology = load_topology(ROOT / "topologies/torus.toml", WORLD)
+    taps, second = {}, {}
+
+    def peer(rank):
+        transport = taps[rank] = Tap(hub.transport(rank))
+        averager = Averager(transport, "gossip", build_codec("fp32"), topology, keys[rank], roster, secure=FIXED, seed=rank)
+        first, _ = averager.average(values[rank], 0)
+        second[rank] = averager.average(values[rank], 0, 1, Purpose.CONSENSUS)  # the very same vector again
+        averager.average(first, 1)  # a changed vector is sent as usual
+
+    on_threads(peer, WORLD)
+    for rank in range(WORLD):
+        mixed, stats = second[rank]
+        assert stats.repeats == 1 and stats.abandoned and torch.equal(mixed, values[rank])
+        kinds = [k for j, k, _ in taps[rank].seen]
+        assert kinds.count(DATA) == 2 * len(topology.in_neighbours(rank, 0)) and kinds.count(ABSTAIN) == len(topology.in_neighbours(rank, 0))
+
+
+def test_consensus_control_is_refused_in_secure_mode():
+    from p2pfed.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"\[consensus\] target: .*secure mode"):
+        load_config(ROOT / "launch/configs/tiny.toml", ["gossip.secure=true", "consensus.target=0.01"])
 
 
 def lying_receiver(keys):
