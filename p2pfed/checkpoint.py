@@ -20,6 +20,7 @@ import os
 import re
 import stat
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ from p2pfed.transport import Transport
 log = logging.getLogger("p2pfed.checkpoint")
 MAGIC = b"P2PFED-CHECKPOINT-2\n"
 KEY_FILE = "mac.key"
-NAME = re.compile(r"round-(\d{6})\.pt$")
+NAME = re.compile(r"round-([0-9]{6})\.pt$")
+MAX_CHECKPOINT_BYTES = 1 << 34
+"""The largest checkpoint file read (16 GiB): a planted sparse file cannot make a peer allocate more."""
 
 
 class CheckpointError(ValueError):
@@ -50,12 +53,16 @@ def local_key(directory: str | Path) -> bytes:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # a symlink, directory or FIFO planted at the name is refused, never followed or waited on
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as err:
+            raise CheckpointError(f"{path}: checkpoint key is not a readable regular file ({err.strerror or err}); remove it to start afresh") from None
         info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            os.close(fd)
+            raise CheckpointError(f"{path}: checkpoint key must be a regular file of this user's, mode 0600; remove it to start afresh")
         with os.fdopen(fd, "rb") as handle:
             key = handle.read(64)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-            raise CheckpointError(f"{path}: checkpoint key must be a regular file of this user's, mode 0600; remove it to start afresh")
         if len(key) != 32:
             raise CheckpointError(f"{path}: checkpoint key of {len(key)} bytes, expected 32") from None
         return key
@@ -83,8 +90,9 @@ class Checkpoints:
         torch.save(state, buffer)
         body = buffer.getvalue()
         final = self.path(round)
-        temporary = final.with_suffix(".tmp")
-        with open(temporary, "wb") as handle:
+        # a fresh, exclusive, unpredictable name: a symlink planted beside the checkpoints is never written through
+        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".round-{round:06d}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
             handle.write(MAGIC + self._mac(round, body) + body)
             handle.flush()
             os.fsync(handle.fileno())
@@ -94,7 +102,9 @@ class Checkpoints:
             os.fsync(directory)  # the rename itself reaches the disk
         finally:
             os.close(directory)
-        for old in self.rounds()[: -self.keep]:
+        # prune only older rounds: a planted file named after a later round must not make this one go
+        older = [r for r in self.rounds() if r < round]
+        for old in older[: max(0, len(older) - (self.keep - 1))]:
             self.path(old).unlink(missing_ok=True)
         return final
 
@@ -125,18 +135,24 @@ class Checkpoints:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a symlink or a FIFO planted here is refused
             with os.fdopen(fd, "rb") as handle:
-                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                info = os.fstat(handle.fileno())
+                if not stat.S_ISREG(info.st_mode):
                     raise CheckpointError(f"{path}: not a regular file")
-                data = handle.read()
+                if info.st_size > MAX_CHECKPOINT_BYTES:
+                    raise CheckpointError(f"{path}: {info.st_size} bytes, more than any checkpoint ({MAX_CHECKPOINT_BYTES})")
+                head = handle.read(len(MAGIC) + 32)
+                if len(head) < len(MAGIC) + 32 or not head.startswith(MAGIC):
+                    raise CheckpointError(f"{path}: not a complete p2pfed checkpoint (truncated header)")
+                # the MAC first, streamed: a planted file is refused before its body is held in memory
+                mac = hmac.new(self.key, MAGIC + struct.pack("<Q", round), hashlib.sha256)
+                while chunk := handle.read(1 << 20):
+                    mac.update(chunk)
+                if not hmac.compare_digest(mac.digest(), head[len(MAGIC):]):
+                    raise CheckpointError(f"{path}: checkpoint is truncated, corrupted or not written by this peer (MAC mismatch)")
+                handle.seek(len(head))
+                return handle.read()
         except OSError as err:
             raise CheckpointError(f"{path}: cannot read checkpoint ({err.strerror or err})") from None
-        head = len(MAGIC) + 32
-        if len(data) < head or not data.startswith(MAGIC):
-            raise CheckpointError(f"{path}: not a complete p2pfed checkpoint (truncated header)")
-        body = data[head:]
-        if not hmac.compare_digest(self._mac(round, body), data[len(MAGIC) : head]):
-            raise CheckpointError(f"{path}: checkpoint is truncated, corrupted or not written by this peer (MAC mismatch)")
-        return body
 
     def valid_rounds(self) -> list[int]:
         """Rounds whose checkpoint verifies; a damaged one is reported and skipped."""

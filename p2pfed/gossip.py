@@ -284,11 +284,11 @@ class Averager:
         incoming = self._exchange(outgoing, senders, stats, OVERHEAD + self.codec.max_payload(vector.numel()))
 
         heard: dict[int, torch.Tensor] = {}
-        for j in sorted(incoming):  # fixed order: the same inputs give the same bits
-            message = self._accept(incoming[j], j, round, step, senders, vector.numel(), stats, purpose)
+        for j in senders:  # fixed order: the same inputs give the same bits
+            message = None if j not in incoming else self._accept(incoming[j], j, round, step, senders, vector.numel(), stats, purpose)
             if message is not None and j not in self.lost:
                 heard[j] = self._neighbour_value(j, message, vector)
-            elif message is None and self.stateful and j not in self.lost:
+            elif message is None and self.stateful and j not in self.lost:  # refused, or its length refused by the transport
                 self.lost.add(j)
                 log.warning("peer %d: no longer mixing peer %d: its public copy fell out of step with a refused message", self.rank, j)
         if self.faults is not None:

@@ -102,8 +102,8 @@ class Roster:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise IdentityError(f"{path}: roster file not found; create one with `p2pfed keygen`") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise IdentityError(f"{path}: roster is not readable JSON ({err})") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise IdentityError(f"{path}: roster is not readable JSON ({type(err).__name__}: {str(err)[:80]})") from None
         if not isinstance(raw, dict) or raw.get("version") != ROSTER_VERSION or not isinstance(raw.get("peers"), list):
             raise IdentityError(f"{path}: expected {{\"version\": {ROSTER_VERSION}, \"peers\": [...]}}")
         peers: dict[int, PeerKeys] = {}

@@ -41,10 +41,15 @@ def read_metrics(path: str | Path, skip_broken: bool = False) -> list[dict[str, 
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
                 if not skip_broken:
                     raise
+                continue
+            # a line that is not a record of a round (edited or planted) is dropped when resuming
+            if skip_broken and not (isinstance(record, dict) and isinstance(record.get("round"), int) and not isinstance(record["round"], bool)):
+                continue
+            records.append(record)
     return records
 
 

@@ -172,7 +172,10 @@ class Peer:
         writer = MetricsWriter(self.paths.peer_metrics(self.rank), keep_until_round=resume if resume else None)
         if resume:
             self.restore(checkpoints.load(resume))
-            kept = read_metrics(self.paths.peer_metrics(self.rank))  # rounds 0..resume, as the writer cut them
+            kept = read_metrics(self.paths.peer_metrics(self.rank), skip_broken=True)  # rounds 0..resume, as the writer cut them
+            if [r["round"] for r in kept] != list(range(resume + 1)):
+                raise CheckpointError(f"{self.paths.peer_metrics(self.rank)}: holds rounds {[r['round'] for r in kept][:12]}, "
+                                      f"expected 0..{resume} beside the checkpoint of round {resume}; rerun without --resume")
             first, history = kept[0], kept[1:]
             self.say(f"[p2pfed] resuming from the checkpoint of round {resume} (restart {restart}); rounds 1-{resume} are kept")
         else:
@@ -383,6 +386,15 @@ def run(config: Config, transport: Transport, device: torch.device) -> dict[str,
     return row
 
 
+def _plain_number(value: Any) -> bool:
+    """A finite float, or an int a float holds exactly (a 1000-digit int would overflow math.isfinite)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) < 2**53
+    return isinstance(value, float) and math.isfinite(value)
+
+
 def summary_row(data: bytes, rank: int, own: dict[str, Any]) -> dict[str, Any]:
     """Another peer's summary row, kept only as numbers under the keys this peer's own row has
     (what it sent is hostile: text would land in summary.md); anything else becomes None."""
@@ -393,7 +405,7 @@ def summary_row(data: bytes, rank: int, own: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         log.warning("peer %d's summary row is not a JSON object; its columns are left empty", rank)
         raw = {}
-    numeric = lambda v: v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None  # noqa: E731
+    numeric = lambda v: v if _plain_number(v) else None  # noqa: E731
     row = {key: numeric(raw.get(key)) if not isinstance(value, bool) else bool(raw.get(key)) for key, value in own.items()}
     row["rank"] = rank
     for key, value in own.items():  # columns the tables add up must stay numbers

@@ -138,5 +138,26 @@ def test_a_local_key_is_created_once_owner_only_and_never_through_a_symlink(tmp_
     (tmp_path / "peer1").mkdir()
     (tmp_path / "elsewhere").write_bytes(b"x" * 32)
     (tmp_path / "peer1" / "mac.key").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="not a readable regular file"):  # one sentence, not an OSError traceback
         local_key(tmp_path / "peer1")
+    for planted, make in (("dir", lambda p: p.mkdir()), ("fifo", lambda p: os.mkfifo(p))):  # neither read nor waited on
+        (tmp_path / planted).mkdir()
+        make(tmp_path / planted / "mac.key")
+        with pytest.raises(CheckpointError, match="mac.key"):
+            local_key(tmp_path / planted)
+
+
+def test_a_planted_symlink_or_later_round_beside_the_checkpoints_is_never_written_through_or_kept_over_ours(tmp_path):
+    checkpoints = Checkpoints(tmp_path, b"k" * 32, keep=2)
+    victim = tmp_path.parent / f"{tmp_path.name}-victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "round-000001.tmp").symlink_to(victim)  # the old fixed temporary name
+    for junk in (999998, 999999):  # files named after later rounds, not ours
+        checkpoints.path(junk).write_bytes(b"junk")
+    for round in (1, 2, 3):
+        checkpoints.save(round, {"round": round})
+    assert victim.read_bytes() == b"precious"
+    assert [r for r in checkpoints.rounds() if r < 999998] == [2, 3]  # ours kept, the newest two
+    assert checkpoints.load(3)["round"] == 3
+    (tmp_path / "round-\u0661\u0662\u0663\u0664\u0665\u0666.pt").write_bytes(b"x")  # Arabic-Indic digits are not a round
+    assert 123456 not in checkpoints.rounds()

@@ -233,6 +233,29 @@ def test_a_crafted_summary_row_keeps_only_numbers_under_known_columns():
     crafted = b'{"rank": 7, "global_ppl_after": "# [click](http://evil)", "bytes_per_round": 1e400, "extra": "| forged |"}'
     assert summary_row(crafted, 2, own) == {"rank": 2, "global_ppl_after": None, "bytes_per_round": 0, "rejected": 0, "bytes_estimated": False}
     assert summary_row(b"[", 2, own)["bytes_per_round"] == 0
+    # an integer too large for a float (math.isfinite would raise OverflowError at every honest peer)
+    assert summary_row(b'{"rejected": 1' + b"0" * 400 + b'}', 2, own)["rejected"] == 0
+
+
+def test_a_sender_whose_length_was_refused_falls_out_of_stateful_mixing_instead_of_desynchronising_its_copy():
+    """Error feedback keeps a public copy of each neighbour, updated by its messages; a message
+    the transport refused by its length was never applied, so the copy is stale from then on
+    (seen drifting the network mean with nothing lost). Now the sender is no longer mixed."""
+    world, hub = 4, LocalHub(4, timeout_s=10)
+    topology, (keys, roster) = load_topology(ROOT / "topologies/ring.toml", world), identities(world)
+    lost = {}
+
+    def peer(rank):
+        faults = FaultInjector(FaultSection(peers=[1], kind="hugelength", from_round=2, until_round=2), keys[rank], world, 0) if rank == 1 else None
+        averager = Averager(hub.transport(rank), "gossip", build_codec("fp32"), topology, keys[rank], roster, faults,
+                            error_feedback=True)
+        x = torch.full((16,), float(rank))
+        for t in range(4):
+            x, _ = averager.average(x, t)
+        lost[rank] = averager.lost
+
+    on_threads(peer, world)
+    assert lost[0] == {1} and lost[2] == {1} and lost[3] == set()
 
 
 def test_the_probe_size_a_peer_announces_is_capped_at_the_largest_envelope():

@@ -134,3 +134,10 @@ def test_a_roster_that_lists_other_than_the_peers_launched_is_refused_with_one_s
         load_keys(config, 0, 4)
     identity, loaded = load_keys(config, 2, 3)  # the same files with as many peers as listed
     assert identity.rank == 2 and len(loaded) == 3
+
+
+def test_a_roster_nested_too_deep_for_the_json_parser_is_one_sentence(tmp_path):
+    path = tmp_path / "roster.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(IdentityError, match="roster is not readable JSON"):
+        Roster.load(path)
