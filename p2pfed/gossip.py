@@ -230,6 +230,11 @@ class Averager:
 
         cost = state.cost
         stats.mask_s, stats.clipped, stats.dropouts, stats.inconsistent = cost.mask_s, cost.clipped, cost.dropouts, cost.inconsistent
+        if total is not None and state.survivors is not None and not phases.in_range(nb, total, len(state.survivors.present)):
+            stats.rejected["range"] = stats.rejected.get("range", 0) + 1
+            log.warning("peer %d, round %d: the unmasked sum leaves the range %d clipped senders can reach: a sender added an "
+                        "offset to its masked words; refused", self.rank, round + 1, len(state.survivors.present))
+            total = None
         if total is None:
             stats.abandoned = True
             log.warning("peer %d, round %d: secure sum abandoned (%d of %d senders present): keeping its own adapter",

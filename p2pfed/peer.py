@@ -35,6 +35,7 @@ from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
 from p2pfed.probe import probe_exchange
 from p2pfed.secure import FixedPoint, SecureError
+from p2pfed.secure.consentlog import ConsentLog
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
 from p2pfed.train import BlockSampler, LocalTrainer, evaluate
 from p2pfed.transport import TorchTransport, Transport, TransportRefused, TransportTimeout
@@ -167,6 +168,8 @@ class Peer:
             self.say(describe(self.topology))
         self.say(f"[p2pfed] peer 0 data: {self.data.description}; {self.data.train.shape[0]} train blocks")
         checkpoints = Checkpoints(self.paths.checkpoints(self.rank), self.checkpoint_key(), keep=2)
+        if self.averager.secure is not None:  # kept beside the checkpoints: a redone round gets the lists of the first attempt
+            self.averager.secure.consents = ConsentLog.open(self.paths.checkpoints(self.rank))
         resume = agree_on_round(checkpoints.valid_rounds(), self.transport)  # the newest round every peer has
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         writer = MetricsWriter(self.paths.peer_metrics(self.rank), keep_until_round=resume if resume else None)

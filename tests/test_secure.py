@@ -289,3 +289,19 @@ def test_a_sender_that_never_arrives_is_recovered_only_where_enough_helpers_rema
         else:
             assert torch.equal(mixed, vectors[rank]) and stats.abandoned
         assert stats.dropouts == (1 if dead in senders else 0)
+
+
+def test_the_consent_log_reads_back_only_well_formed_records_and_keeps_the_first_list(tmp_path):
+    from p2pfed.secure.consentlog import CONSENT_FILE, ConsentLog
+    from p2pfed.secure.messages import Survivors
+
+    log = ConsentLog.open(tmp_path)
+    log.record((0, 3, 0, 1), Survivors((0, 2), (0, 2, 4)))
+    with open(tmp_path / CONSENT_FILE, "a", encoding="utf-8") as handle:  # planted or torn lines
+        handle.write('junk\n[1, 2]\n{"key": [0, 3, 0], "present": [0], "helpers": [0]}\n{"key": [0, 4, 0, 1], "present": [true], "helpers": []}\n')
+        handle.write("[" * 50_000 + "\n")
+        handle.write('{"key": [0, 3, 0, 1], "present": [0, 4], "helpers": [0, 2, 4]}\n')  # a second list for a recorded key
+    reopened = ConsentLog.open(tmp_path)
+    assert reopened.lists == {(0, 3, 0, 1): Survivors((0, 2), (0, 2, 4))}
+    assert reopened.admits((0, 3, 0, 1), Survivors((0, 2), (0, 2, 4))) and not reopened.admits((0, 3, 0, 1), Survivors((0, 4), (0, 2, 4)))
+    assert reopened.admits((0, 5, 0, 1), Survivors((0, 4), (0, 2, 4)))  # another round: anything sound

@@ -25,6 +25,7 @@ from p2pfed.config import FaultSection
 from p2pfed.faults import FaultInjector
 from p2pfed.gossip import Averager
 from p2pfed.secure import ABSTAIN, CONSENT, CONSENTS, RELEASE, SURVIVORS, Context, Purpose, FixedPoint, PairwiseMasks, SecureError, self_mask
+from p2pfed.secure.consentlog import ConsentLog
 from p2pfed.secure.messages import Survivors, decode_data, encode_survivors
 from p2pfed.secure.protocol import commit
 from p2pfed.secure.shares import SHARE_SIZE, combine, threshold
@@ -73,7 +74,8 @@ def vectors(seed: int = 0) -> dict[int, torch.Tensor]:
     return {r: torch.randn(N, generator=torch.Generator().manual_seed(seed * 100 + r)) * 0.1 for r in range(WORLD)}
 
 
-def run(values, keys, roster, rewrite=None, flip_peer: int | None = None, min_present: int = 2, topology_file: str = "torus.toml"):
+def run(values, keys, roster, rewrite=None, flip_peer: int | None = None, min_present: int = 2, topology_file: str = "torus.toml",
+        consents: Path | None = None):
     """One secure round (the torus unless told); returns (topology, the receiver's tap, every peer's (vector, stats))."""
     hub = LocalHub(WORLD, timeout_s=10)
     topology = load_topology(ROOT / "topologies" / topology_file, WORLD)
@@ -88,6 +90,8 @@ def run(values, keys, roster, rewrite=None, flip_peer: int | None = None, min_pr
             faults = FaultInjector(FaultSection(peers=[rank], kind="flip", from_round=1), keys[rank], WORLD, 0)
         averager = Averager(transport, "gossip", build_codec("fp32"), topology, keys[rank], roster, faults, secure=FIXED, seed=rank,
                             min_present=min_present)
+        if consents is not None:  # each peer's log of the run, as a restarted process reopens it
+            averager.secure.consents = ConsentLog.open(consents / f"peer{rank}")
         results[rank] = averager.average(values[rank], 0)
 
     on_threads(peer, WORLD)
@@ -236,6 +240,46 @@ def test_consensus_control_is_refused_in_secure_mode():
 
     with pytest.raises(ConfigError, match=r"\[consensus\] target: .*secure mode"):
         load_config(ROOT / "launch/configs/tiny.toml", ["gossip.secure=true", "consensus.target=0.01"])
+
+
+def test_a_sender_adding_an_offset_to_its_masked_words_gets_its_receivers_sum_refused():
+    """Masked words cannot be range-checked, so a sender may skip the clipping encoder and add
+    2^30 to its words to receiver 0 (seen moving the receiver's adapter by 1024 per value with
+    nothing refused); the unmasked sum then leaves what clipped senders can reach: refused."""
+    keys, roster = identities(WORLD)
+    values = vectors(6)
+
+    def offset(tap, to, message):
+        header = list(HEADER_STRUCT.unpack_from(message))
+        if header[2] != DATA or to != 0:
+            return message
+        payload = bytearray(message[OVERHEAD:])
+        payload[: 4 * N] = (words(bytes(payload)) + np.uint32(2**30)).astype("<u4").tobytes()
+        return seal(keys[RECEIVER].signing, RECEIVER, to, header[6], header[7], header[8], header[2], bytes(payload),
+                    session=header[11], purpose=header[3])
+
+    _, _, results = run(values, keys, roster, rewrite=offset)  # peer 1 (a sender of 0, 2 and 4) adds the offset
+    mixed, stats = results[0]
+    assert stats.rejected == {"range": 1} and stats.abandoned and torch.equal(mixed, values[0])
+    assert not results[2][1].abandoned and not results[4][1].abandoned  # its other receivers got honest words
+
+
+def test_a_round_redone_after_a_restart_completes_only_over_the_list_of_its_first_attempt(tmp_path):
+    """A restart redoes a round with bit-identical adapters under a new session. A receiver that
+    completed the full sum in the first attempt and drops the victim in the second would get
+    w * x_victim as the difference (seen recovering it to 4e-6). Helpers keep the lists they
+    consented to beside their checkpoints and refuse a different one for the same round."""
+    keys, roster = identities(WORLD)
+    values, victim = vectors(7), 4
+    _, _, first = run(values, keys, roster, consents=tmp_path)  # attempt 1: everyone present
+    assert not first[RECEIVER][1].abandoned
+    _, _, second = run(values, keys, roster, flip_peer=victim, consents=tmp_path)  # attempt 2, new session: victim refused
+    for rank in (RECEIVER, 3, 5):  # the victim's receivers ask for lists without it: refused as a redo
+        assert second[rank][1].abandoned and torch.equal(second[rank][0], values[rank])
+    helpers_refusing = sum(stats.rejected.get("redo", 0) for _, stats in second.values())
+    assert helpers_refusing >= 2 * 3  # each of those three receivers' two present helpers said no
+    _, _, third = run(values, keys, roster, consents=tmp_path)  # the same list as the first attempt completes again
+    assert all(not stats.abandoned for _, stats in third.values())
 
 
 def lying_receiver(keys):

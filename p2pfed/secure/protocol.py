@@ -44,6 +44,7 @@ import torch
 from cryptography.exceptions import InvalidSignature
 
 from p2pfed.identity import Identity, Roster
+from p2pfed.secure.consentlog import ConsentLog
 from p2pfed.secure.fixedpoint import FixedPoint, SecureError
 from p2pfed.secure.masks import PairwiseMasks, self_mask
 from p2pfed.secure.messages import (SIGNATURE_SIZE, Data, Survivors, data_length, decode_consents, decode_data, decode_release,
@@ -97,6 +98,8 @@ class Neighbourhood:
     generator: torch.Generator
     min_present: int = 2
     """The fewest present senders a sum completes with (helpers check it too)."""
+    consents: ConsentLog = field(default_factory=ConsentLog)
+    """Lists consented to in this run (on disk under a peer: a redone round gets the same list)."""
     masks: PairwiseMasks = field(init=False)
 
     def __post_init__(self) -> None:
@@ -239,9 +242,14 @@ def consent(nb: Neighbourhood, state: Exchange, channel: Channel, lists: dict[in
             if me not in survivors.helpers or not viable(survivors, len(senders), nb.min_present):
                 raise SecureError(f"list {survivors} does not make peer {me} a helper of a sum that can be completed", "malformed")
             opened = {j: open_share(nb.masks.share_key(j, context), sealed, context, j, me) for j, sealed in forwarded.items()}
+            key = (state.purpose, state.round, state.step, i)
+            if not nb.consents.admits(key, survivors):
+                raise SecureError(f"list {survivors} for round {state.round + 1} differs from {nb.consents.lists[key]}, consented to "
+                                  "in an earlier attempt of this run: two sums of one redone adapter would unmask a sender", "redo")
         except SecureError as err:
             channel.refuse(i, err)
             continue
+        nb.consents.record(key, survivors)
         state.pending[i] = (survivors, opened)
         out[i] = nb.identity.signing.sign(consent_message(context, survivors))
     return out
@@ -301,6 +309,14 @@ def release(nb: Neighbourhood, state: Exchange, channel: Channel, bundles: dict[
         release = encode_release([opened[j] for j in survivors.present if j != me], correction)
         out[i] = seal_for(nb.masks.release_key(i, context), release, context, me, i)  # for the receiver's eyes only
     return out
+
+
+def in_range(nb: Neighbourhood, total: torch.Tensor, present: int) -> bool:
+    """Whether an unmasked sum lies where `present` clipped senders can put it (each weighted
+    value within the bound, plus rounding). Masked words cannot be range-checked one by one,
+    so a hostile sender's offset shows only here: past this, the whole sum is refused."""
+    limit = present * (nb.fixed.bound + nb.fixed.resolution)
+    return total.numel() == 0 or float(total.abs().max()) <= limit
 
 
 def max_release_payload(nb: Neighbourhood, count: int) -> int:
