@@ -251,10 +251,16 @@ class Peer:
                 "averager": self.averager.state(), "torch_rng": torch.get_rng_state()}
 
     def restore(self, state: dict[str, Any]) -> None:
-        vector_to_adapter(self.model, state["adapter"])
-        self.trainer.restore(state["trainer"])
-        self.averager.restore(state["averager"])
-        torch.set_rng_state(state["torch_rng"])
+        """Load a verified checkpoint; one that does not fit this run (another run's file under the
+        same identity, a changed adapter shape) is one sentence, not a traceback."""
+        try:
+            vector_to_adapter(self.model, state["adapter"])
+            self.trainer.restore(state["trainer"])
+            self.averager.restore(state["averager"])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise CheckpointError(f"peer {self.rank}: its checkpoint does not fit this run's model, optimizer or averager "
+                                  f"({type(err).__name__}: {str(err)[:120]}); rerun with --overwrite to start afresh") from None
 
     def one_round(self, round: int, writer: MetricsWriter, restart: int = 0, resumed_from: int | None = None) -> dict[str, Any]:
         """K local steps, one averaging round, optional eval; writes one metrics line."""
