@@ -59,7 +59,8 @@ class Suite:
     common: tuple[str, ...] = ()
     judge: str = "compression"
     """The goals the table is judged by: 'compression' (>= 10x fewer bytes within 2% of row 1),
-    'secure' (masking against row 1) or 'convergence' (the full suite's four goals)."""
+    'secure' (masking against the plain row of its graph), 'sweep' (the best row), 'robust' or
+    'convergence' (the full suite's four goals)."""
     scaling: tuple[Scaling, ...] = ()
     micro: str = ""
     """Micro-benchmark size: '' (none), 'quick' or 'full'."""
@@ -79,6 +80,10 @@ COMPRESSION_ROWS = (
     Row("low rank 2 + int8, error feedback", BEST_CODEC),
     Row("share B (A frozen), fp32", ("lora.share=B",)),
 )
+CHOCO_GAMMAS = (0.05, 0.1, 0.2, 0.4, 0.8)
+CHOCO_ROWS = tuple(Row(f"CHOCO top-k 10% + int8, gamma {g:g}", (*TOPK, "gossip.algorithm=choco", f"gossip.gamma={g:g}"))
+                   for g in CHOCO_GAMMAS)
+"""The sweep behind the compression suite's gamma = 0.2 (row 1 is the smallest step, not a reference)."""
 SECURE_ROWS = (
     Row("plain gossip, fp32"),
     Row("secure, fp32 (ring: every sender needed, pair masks, one exchange)", ("gossip.secure=true",)),
@@ -140,6 +145,8 @@ SUITES = {
                          "1 and 2 attackers, every attack, every rule",
                          robust_rows(("ring", "exponential"), (1, 2), ("none", "clip", "trimmed", "median")),
                          ("run.peers=8", "run.rounds=12", "run.eval_every=12", "bench.probes=5"), judge="robust"),
+    "choco-gamma": Suite("launch/configs/demo.toml", "CHOCO-gossip's step gamma with top-k 10% + int8 on the demo task "
+                         "(SmolLM2-135M, 4 peers, ring)", CHOCO_ROWS, ("run.eval_every=12",), judge="sweep"),
     "secure": Suite("launch/configs/demo.toml", "secure averaging against plain gossip on the demo task (SmolLM2-135M, 4 peers, ring)",
                     SECURE_ROWS, ("run.eval_every=12", "bench.probes=5"), judge="secure"),
 }

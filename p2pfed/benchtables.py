@@ -80,6 +80,12 @@ def goal_line(results: list[dict[str, Any]], bytes_factor: float = 10.0, max_gap
     return f"Goal (>= {bytes_factor:.0f}x fewer bytes than row 1 with a perplexity gap under {max_gap_pct:.0f}%): {verdict}."
 
 
+def best_line(results: list[dict[str, Any]]) -> str:
+    """A sweep: which row ends at the lowest global perplexity (gaps are against row 1)."""
+    best = min(results, key=lambda r: r["global_ppl"])
+    return f"Lowest global perplexity: {best['name']} ({best['global_ppl']:.2f}); the gaps in the table are against row 1."
+
+
 def verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
@@ -265,7 +271,8 @@ def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]]
             text += ["## Convergence", "", convergence_table(results), "", "Goals:", *convergence_goals(results, scaling), "",
                      f"![perplexity vs total bytes]({plot.name})", ""]
         else:
-            text += [table(results), "", goal_line(results) if suite.judge == "compression" else secure_line(results), ""]
+            line = {"compression": goal_line, "secure": secure_line, "sweep": best_line}[suite.judge](results)
+            text += [table(results), "", line, ""]
         text += [
             "Bytes are the serialized signed envelopes handed to the transport (sent, per peer per round; allreduce: estimated for "
             "a ring all-reduce). Compression: against the same messages as uncompressed fp32. Global ppl: mean over peers of the "

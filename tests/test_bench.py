@@ -5,7 +5,7 @@ import json
 import pytest
 
 from p2pfed.bench import ROOT, SUITES, BenchRun, find_finished_run, slug
-from p2pfed.benchtables import code_line, convergence_goals, convergence_table, goal_line, micro_table, plot_ppl_vs_bytes, scaling_table, secure_line, table
+from p2pfed.benchtables import best_line, code_line, convergence_goals, convergence_table, goal_line, micro_table, plot_ppl_vs_bytes, scaling_table, secure_line, table
 from p2pfed.config import load_config, save_config
 from p2pfed.provenance import write_code_version
 
@@ -146,3 +146,8 @@ def test_every_row_of_every_suite_is_a_valid_config(name):
     for scaling in suite.scaling:
         for row in scaling.rows():
             load_config(ROOT / scaling.base, [*scaling.common, *row.overrides]).check()
+
+
+def test_a_sweep_names_the_row_with_the_lowest_perplexity():
+    rows = [row("gamma 0.05", 100.0, 43.0), row("gamma 0.2", 100.0, 42.5), row("gamma 0.8", 100.0, 44.0)]
+    assert best_line(rows).startswith("Lowest global perplexity: gamma 0.2 (42.50)")
