@@ -197,7 +197,8 @@ class Averager:
 
         start = time.perf_counter()
         kind = nb.data_kind
-        if self._sent_before(sent):  # abstain: a sum of it over other present senders would unmask one of them
+        recovering = any(phases.recovers(nb, i, round) for i in receivers)
+        if recovering and self._sent_before(sent):  # abstain: a sum of it over other present senders would unmask one of them
             data, kind, stats.repeats = {i: b"" for i in receivers}, phases.ABSTAIN, 1
             log.warning("peer %d, round %d: abstaining from a secure exchange of a vector it already sent in this session",
                         self.rank, round + 1)
@@ -255,7 +256,9 @@ class Averager:
     def _sent_before(self, values: torch.Tensor) -> bool:
         """Secure mode: whether this exact vector was already sent in this session (and remember it).
         A sum abandoned by a spoiled release leaves a peer's adapter unchanged for the next step;
-        sent again, a receiver could choose a different present list and subtract the two sums."""
+        sent again, a receiver could choose a different present list and subtract the two sums.
+        (Asked only where some receiver recovers dropouts: an all-or-nothing sum is always over
+        every sender, so a repeat there adds nothing to what sums over time already tell.)"""
         digest = payload_digest(values.detach().contiguous().numpy().tobytes())
         if digest in self.sent_digests:
             return True
