@@ -42,11 +42,22 @@ def robust_table(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {topology} | {attackers} | {attack or '-'} | {RULE_NAMES[rule]} | refused: {r['error']} | | | |")
             continue
         reference = _reference(results, topology)
-        gap = f"{(r['honest_ppl'] / reference - 1) * 100:+.2f}%" if reference and r.get("honest_ppl") else "-"
-        ppl = "nan" if r.get("honest_ppl") is None else f"{r['honest_ppl']:.2f}"
+        gap = gap_text(r["honest_ppl"], reference) if reference and r.get("honest_ppl") else "-"
+        ppl = "nan" if r.get("honest_ppl") is None else f"{r['honest_ppl']:.2f}" if r["honest_ppl"] < 1e6 else f"{r['honest_ppl']:.2e}"
         probe = f"{r['probe_gossip_s'] * 1e3:.1f} ms" if r.get("probe_gossip_s") else "-"
         lines.append(f"| {topology} | {attackers if attack else 0} | {attack or '-'} | {RULE_NAMES[rule]} | {ppl} | {gap} | {r.get('rejected', 0)} | {probe} |")
     return "\n".join(lines)
+
+
+DIVERGED = 100.0
+"""A perplexity this many times the no-attack run's is shown as divergence, not a percentage."""
+
+
+def gap_text(ppl: float, reference: float) -> str:
+    """The gap to the no-attack run, or 'diverged (ppl ...)' once training has blown up."""
+    if ppl > DIVERGED * reference:
+        return f"diverged (ppl {ppl:.1e})"
+    return f"{(ppl / reference - 1) * 100:+.2f}%"
 
 
 def _reference(results: list[dict[str, Any]], topology: str) -> float | None:
@@ -103,6 +114,6 @@ def pivot_table(results: list[dict[str, Any]], topology: str, attackers: int = 1
             elif r.get("honest_ppl") is None or not reference:
                 row.append("nan")
             else:
-                row.append(f"{(r['honest_ppl'] / reference - 1) * 100:+.2f}%")
+                row.append(gap_text(r["honest_ppl"], reference))
         lines.append(f"| {attack or 'none'} | " + " | ".join(row) + " |")
     return "\n".join(lines)

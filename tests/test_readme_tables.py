@@ -38,3 +38,11 @@ def test_robust_pivot_gaps_are_against_the_no_attack_no_defence_run():
     assert table[0] == "| attack (1 of 8 peers) | no defence | ClippedGossip | median |"
     assert table[2] == "| none | +0.00% | +0.50% | - |"  # 40.2 / 40 - 1
     assert table[4] == "| scale | +25.00% | +1.00% | refused |"  # 50 / 40 - 1, 40.4 / 40 - 1
+
+
+def test_a_run_that_blew_up_reads_as_diverged_not_as_a_twenty_digit_percentage():
+    rows = [{"cell": ["exponential", 1, None, "none"], "honest_ppl": 40.0, "config": {"run": {"peers": 8}}},
+            {"cell": ["exponential", 1, "scale", "none"], "honest_ppl": 1.3e18, "config": {"run": {"peers": 8}}},
+            {"cell": ["exponential", 1, "scale", "clip"], "honest_ppl": 3999.0, "config": {"run": {"peers": 8}}}]
+    table = pivot_table(rows, "exponential").splitlines()
+    assert table[4] == "| scale | diverged (ppl 1.3e+18) | +9897.50% |"  # 100x the reference is the line (3999 / 40 - 1 is not)
