@@ -175,7 +175,7 @@ class TorchTransport:
             if why := length_refusal(j, length, bound):
                 self.refused[j] = why
             else:
-                messages[j] = bytes(view[PREFIX:PREFIX + length])
+                messages[j] = view[PREFIX:PREFIX + length]  # a view of the receive buffer: no copy of a large message
         return messages
 
     def _frame(self, data: bytes) -> torch.Tensor:

@@ -69,8 +69,8 @@ def seal(key: Ed25519PrivateKey, sender: int, receiver: int, round: int, step: i
     return header + key.sign(header) + payload
 
 
-def parse(data: bytes, max_payload: int) -> tuple[Header, bytes, bytes, bytes]:
-    """Framing only: (header, header bytes, signature, payload); no cryptography yet."""
+def parse(data: bytes | memoryview, max_payload: int) -> tuple[Header, memoryview, memoryview, memoryview]:
+    """Framing only: (header, header bytes, signature, payload) as views of `data`; no cryptography yet."""
     if len(data) < OVERHEAD:
         raise WireError("truncated", f"{len(data)} bytes, shorter than the {OVERHEAD}-byte header and signature")
     magic, version, codec, purpose, sender, receiver, round, step, epoch, length, digest, session = HEADER_STRUCT.unpack_from(data)
@@ -83,7 +83,8 @@ def parse(data: bytes, max_payload: int) -> tuple[Header, bytes, bytes, bytes]:
     if len(data) != OVERHEAD + length:
         raise WireError("truncated", f"header announces {length} payload bytes, got {len(data) - OVERHEAD}")
     header = Header(sender, receiver, round, step, epoch, codec, length, digest, purpose, session)
-    return header, data[:HEADER_SIZE], data[HEADER_SIZE:OVERHEAD], data[OVERHEAD:]
+    view = memoryview(data)  # slices of one buffer: the payload is never copied to be verified and decoded
+    return header, view[:HEADER_SIZE], view[HEADER_SIZE:OVERHEAD], view[OVERHEAD:]
 
 
 @dataclass
