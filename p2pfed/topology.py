@@ -163,6 +163,7 @@ def _torus(n: int, params: dict) -> nx.Graph:
     if rows * cols != n:
         raise ValueError(f"a torus of {rows}x{cols} has {rows * cols} nodes, not {n}")
     grid = nx.grid_2d_graph(rows, cols, periodic=True)
+    nx.set_node_attributes(grid, {(r, c): (float(c), -float(r)) for r, c in grid.nodes}, "pos")  # drawn as the grid it is
     return nx.relabel_nodes(grid, {(r, c): r * cols + c for r, c in grid.nodes})
 
 
@@ -175,7 +176,20 @@ def _hypercube(n: int, params: dict) -> nx.Graph:
     if n < 2 or 2**dim != n:
         raise ValueError(f"a hypercube needs a power-of-two number of nodes, not {n}")
     cube = nx.hypercube_graph(dim)
+    nx.set_node_attributes(cube, {bits: _cube_position(bits) for bits in cube.nodes}, "pos")
     return nx.relabel_nodes(cube, {bits: int("".join(map(str, bits)), 2) for bits in cube.nodes})
+
+
+def _cube_position(bits: tuple[int, ...]) -> tuple[float, float]:
+    """A hypercube drawn as cubes in perspective: bits 0, 1, 2 step right, up and into the
+    page; each further three bits repeat that at 2.2 times the size, so no two nodes meet."""
+    steps = ((1.0, 0.0), (0.0, 1.0), (0.45, 0.3))
+    x = y = 0.0
+    for i, bit in enumerate(reversed(bits)):
+        scale = 2.2 ** (i // 3)
+        x += bit * scale * steps[i % 3][0]
+        y += bit * scale * steps[i % 3][1]
+    return x, y
 
 
 def _complete(n: int, params: dict) -> nx.Graph:
@@ -358,6 +372,13 @@ def describe(topology: Topology) -> str:
     return "\n".join(lines)
 
 
+def layout(graph: nx.Graph) -> dict[int, tuple[float, float]]:
+    """Where to draw each node: the generator's own geometry (a torus as a grid, a hypercube as
+    nested cubes) when it left one on every node, else a circle (rings, random graphs)."""
+    pos = nx.get_node_attributes(graph, "pos")
+    return pos if len(pos) == graph.number_of_nodes() and graph.number_of_nodes() else nx.circular_layout(graph)
+
+
 def draw(topology: Topology, png: str | Path, node_values: dict[int, float] | None = None, label: str = "") -> None:
     """Draw the round-0 graph to a PNG; optional per-node values colour the nodes."""
     import matplotlib
@@ -367,10 +388,14 @@ def draw(topology: Topology, png: str | Path, node_values: dict[int, float] | No
 
     graph = topology.graph(0)
     fig, ax = plt.subplots(figsize=(5, 5))
-    pos = nx.circular_layout(graph)
+    pos = layout(graph)
     colours = [node_values[i] for i in graph.nodes] if node_values else "#8fb8de"
     nodes = nx.draw_networkx_nodes(graph, pos, ax=ax, node_color=colours, node_size=500, **({"cmap": "viridis"} if node_values else {}))
-    nx.draw_networkx_edges(graph, pos, ax=ax, arrows=graph.is_directed(), alpha=0.6)
+    wraps = [(a, b) for a, b in graph.edges if "pos" in graph.nodes[a] and math.dist(pos[a], pos[b]) > 1.5]  # a torus's wrap-around
+    nx.draw_networkx_edges(graph, pos, ax=ax, edgelist=[e for e in graph.edges if e not in wraps], arrows=graph.is_directed(), alpha=0.6)
+    if wraps:  # curved, so they do not lie on top of the grid's own edges
+        nx.draw_networkx_edges(graph, pos, ax=ax, edgelist=wraps, arrows=True, arrowstyle="-", connectionstyle="arc3,rad=0.25",
+                               alpha=0.35, style="dashed")
     nx.draw_networkx_labels(graph, pos, ax=ax, font_size=9)
     if node_values:
         fig.colorbar(nodes, ax=ax, label=label)

@@ -143,3 +143,17 @@ def test_topology_show_cli(tmp_path):
     assert open_n.returncode == 1 and "pass --peers N" in open_n.stderr
     unasked = run_cli("topology", "show", str(ROOT / "topologies/ring.toml"), "--peers", "6", cwd=tmp_path)
     assert unasked.returncode == 0 and list(tmp_path.glob("*.png")) == [tmp_path / "h.png"]  # no drawing unless asked
+
+
+def test_a_torus_is_laid_out_as_its_grid_and_a_hypercube_with_every_node_apart():
+    from p2pfed.topology import layout
+
+    torus = load_topology(ROOT / "topologies/torus16.toml", 16).graph(0)
+    pos = layout(torus)
+    assert {i: pos[i] for i in (0, 1, 5, 15)} == {0: (0.0, -0.0), 1: (1.0, -0.0), 5: (1.0, -1.0), 15: (3.0, -3.0)}  # node r*4+c at (c, -r)
+    cube = load_topology(ROOT / "topologies/hypercube8.toml", 8).graph(0)
+    spots = layout(cube)
+    assert len(set(spots.values())) == 8  # no two nodes drawn on one spot
+    assert spots[0] == (0.0, 0.0) and spots[1] == (1.0, 0.0) and spots[2] == (0.0, 1.0) and spots[4] == (0.45, 0.3)  # bits 0, 1, 2
+    ring = load_topology(ROOT / "topologies/ring.toml", 6).graph(0)
+    assert all(abs(x * x + y * y - 1) < 1e-6 for x, y in layout(ring).values())  # no geometry: the circle
