@@ -65,10 +65,15 @@ def test_allreduce_keeps_peers_identical_and_local_sends_nothing(tmp_path):
         assert row["consensus"] < 1e-12 and row["bytes_estimated"]
     zero, two = adapter_tensors(out, 0), adapter_tensors(out, 2)
     assert all(torch.allclose(zero[k], two[k], atol=1e-7) for k in zero)
+    # one global evaluation (peer 0's) serves all: every peer reports the same figure, every round
+    figures = [[row["global_ppl"] for row in read_jsonl(out / "metrics" / f"peer{r}.jsonl") if row.get("global_ppl")] for r in range(3)]
+    assert figures[0] and figures[0] == figures[1] == figures[2]
 
-    local = tiny_run(tmp_path, "local", "run.peers=2", "run.rounds=2", "gossip.mode=local")
+    local = tiny_run(tmp_path, "local", "run.peers=3", "run.rounds=2", "gossip.mode=local")
     rows = read_jsonl(local / "metrics" / "peer1.jsonl")[1:]
     assert all(row["bytes_sent"] == 0 for row in rows) and rows[-1]["consensus"] > 0
+    # before any training the model is the common start: a peer that evaluated it itself agrees with the shared figure
+    assert abs(read_jsonl(local / "metrics" / "peer2.jsonl")[0]["global_ppl"] - figures[2][0]) < 1e-6 * figures[2][0]
 
 
 def test_bad_input_stops_before_launch_with_one_sentence(tmp_path):
