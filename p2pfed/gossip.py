@@ -197,8 +197,8 @@ class Averager:
 
         start = time.perf_counter()
         kind = nb.data_kind
-        recovering = any(phases.recovers(nb, i, round) for i in receivers)
-        if recovering and self._sent_before(sent):  # abstain: a sum of it over other present senders would unmask one of them
+        repeated = self._sent_before(sent)  # remembered in every round, whatever its receivers
+        if repeated and any(phases.recovers(nb, i, round) for i in receivers):  # a second sum over other senders would unmask one
             data, kind, stats.repeats = {i: b"" for i in receivers}, phases.ABSTAIN, 1
             log.warning("peer %d, round %d: abstaining from a secure exchange of a vector it already sent in this session",
                         self.rank, round + 1)

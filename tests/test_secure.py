@@ -305,3 +305,21 @@ def test_the_consent_log_reads_back_only_well_formed_records_and_keeps_the_first
     assert reopened.lists == {(0, 3, 0, 1): Survivors((0, 2), (0, 2, 4))}
     assert reopened.admits((0, 3, 0, 1), Survivors((0, 2), (0, 2, 4))) and not reopened.admits((0, 3, 0, 1), Survivors((0, 4), (0, 2, 4)))
     assert reopened.admits((0, 5, 0, 1), Survivors((0, 4), (0, 2, 4)))  # another round: anything sound
+
+
+def test_a_torn_consent_line_does_not_swallow_the_next_record_and_a_planted_log_is_one_sentence(tmp_path):
+    import os
+
+    from p2pfed.secure.consentlog import CONSENT_FILE, ConsentLog
+    from p2pfed.secure.messages import Survivors
+
+    (tmp_path / CONSENT_FILE).write_bytes(b'{"key": [0, 1, 0, 1], "pres')  # a crash in the middle of a write
+    log = ConsentLog.open(tmp_path)
+    log.record((0, 3, 0, 1), Survivors((0, 2), (0, 2, 4)))
+    assert ConsentLog.open(tmp_path).lists == {(0, 3, 0, 1): Survivors((0, 2), (0, 2, 4))}  # seen lost before the fix
+    for planted, make in (("link", lambda p: p.symlink_to(tmp_path / "elsewhere")), ("dir", lambda p: p.mkdir()),
+                          ("fifo", lambda p: os.mkfifo(p))):
+        (tmp_path / planted).mkdir()
+        make(tmp_path / planted / CONSENT_FILE)
+        with pytest.raises(SecureError, match="consent log is not a"):  # neither followed nor waited on
+            ConsentLog.open(tmp_path / planted)

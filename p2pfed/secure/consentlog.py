@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from p2pfed.secure.fixedpoint import SecureError
 from p2pfed.secure.messages import Survivors
 
 log = logging.getLogger("p2pfed.secure")
@@ -41,18 +43,30 @@ class ConsentLog:
 
     @classmethod
     def open(cls, directory: str | Path) -> "ConsentLog":
-        """The run's log in `directory` (created if missing); lines that do not parse are skipped and counted."""
+        """The run's log in `directory` (created if missing, a regular file of its own or a
+        SecureError sentence); lines that do not parse are skipped and counted."""
         path = Path(directory) / CONSENT_FILE
         consents, skipped = cls(path), 0
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file() and not path.is_symlink():
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                while line := handle.readline(MAX_LINE):
-                    key, survivors = _parse(line)
-                    if key is None or survivors is None:
-                        skipped += 1
-                        continue
-                    consents.lists.setdefault(key, survivors)
+        try:  # never through a planted symlink, never waiting on a FIFO
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        except OSError as err:
+            raise SecureError(f"{path}: consent log is not a writable regular file ({err.strerror or err}); "
+                              "remove it only if this run is to start afresh", "consents") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SecureError(f"{path}: consent log is not a regular file", "consents")
+        with os.fdopen(fd, "rb+") as handle:
+            while raw := handle.readline(MAX_LINE):
+                key, survivors = _parse(raw.decode("utf-8", errors="replace"))
+                if key is None or survivors is None:
+                    skipped += 1
+                    continue
+                consents.lists.setdefault(key, survivors)
+            if handle.tell() and not raw_ends_with_newline(handle):
+                handle.write(b"\n")  # a line torn by a crash stays one broken line; the next record starts clean
+                handle.flush()
+                os.fsync(handle.fileno())
         if skipped:
             log.warning("%s: %d lines are not consent records; ignored", path, skipped)
         return consents
@@ -70,12 +84,29 @@ class ConsentLog:
         if self.path is None:
             return
         line = json.dumps({"key": list(key), "present": list(survivors.present), "helpers": list(survivors.helpers)})
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, (line + "\n").encode())
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        except OSError as err:
+            raise SecureError(f"{self.path}: cannot record a consent ({err.strerror or err})", "consents") from None
+        try:
+            data = (line + "\n").encode()
+            while data:  # a short write (a full disk) must not leave half a record
+                written = os.write(fd, data)
+                if written <= 0:
+                    raise SecureError(f"{self.path}: could not write a consent record", "consents")
+                data = data[written:]
             os.fsync(fd)
+        except OSError as err:
+            raise SecureError(f"{self.path}: cannot record a consent ({err.strerror or err})", "consents") from None
         finally:
             os.close(fd)
+
+
+def raw_ends_with_newline(handle) -> bool:
+    """Whether the file's last byte is a newline (the handle is left at its end)."""
+    handle.seek(-1, os.SEEK_END)
+    last = handle.read(1)
+    return last == b"\n"
 
 
 def _parse(line: str) -> tuple[Key | None, Survivors | None]:

@@ -246,10 +246,10 @@ def consent(nb: Neighbourhood, state: Exchange, channel: Channel, lists: dict[in
             if not nb.consents.admits(key, survivors):
                 raise SecureError(f"list {survivors} for round {state.round + 1} differs from {nb.consents.lists[key]}, consented to "
                                   "in an earlier attempt of this run: two sums of one redone adapter would unmask a sender", "redo")
+            nb.consents.record(key, survivors)  # on disk before the consent leaves; if it cannot be, no consent
         except SecureError as err:
             channel.refuse(i, err)
             continue
-        nb.consents.record(key, survivors)
         state.pending[i] = (survivors, opened)
         out[i] = nb.identity.signing.sign(consent_message(context, survivors))
     return out
