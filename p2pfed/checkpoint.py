@@ -127,7 +127,13 @@ class Checkpoints:
 
     def _mac(self, round: int, body: bytes) -> bytes:
         """Keyed, and bound to the round: a file copied over another round's name does not verify."""
-        return hmac.new(self.key, MAGIC + struct.pack("<Q", round) + body, hashlib.sha256).digest()
+        mac = self._mac_start(round)
+        mac.update(body)
+        return mac.digest()
+
+    def _mac_start(self, round: int) -> "hmac.HMAC":
+        """The MAC of `round` before its body: a reader streams the body into it."""
+        return hmac.new(self.key, MAGIC + struct.pack("<Q", round), hashlib.sha256)
 
     def _verified_body(self, round: int) -> bytes:
         """The file's body once its MAC matches; checking needs no unpickling."""
@@ -144,7 +150,7 @@ class Checkpoints:
                 if len(head) < len(MAGIC) + 32 or not head.startswith(MAGIC):
                     raise CheckpointError(f"{path}: not a complete p2pfed checkpoint (truncated header)")
                 # the MAC first, streamed: a planted file is refused before its body is held in memory
-                mac = hmac.new(self.key, MAGIC + struct.pack("<Q", round), hashlib.sha256)
+                mac = self._mac_start(round)
                 while chunk := handle.read(1 << 20):
                     mac.update(chunk)
                 if not hmac.compare_digest(mac.digest(), head[len(MAGIC):]):

@@ -197,7 +197,7 @@ class Averager:
 
         start = time.perf_counter()
         kind = nb.data_kind
-        repeated = self._sent_before(sent)  # remembered in every round, whatever its receivers
+        repeated = nb.feeds_recovery and self._sent_before(sent)  # remembered in every round, whatever its receivers
         if repeated and any(phases.recovers(nb, i, round) for i in receivers):  # a second sum over other senders would unmask one
             data, kind, stats.repeats = {i: b"" for i in receivers}, phases.ABSTAIN, 1
             log.warning("peer %d, round %d: abstaining from a secure exchange of a vector it already sent in this session",
@@ -231,11 +231,6 @@ class Averager:
 
         cost = state.cost
         stats.mask_s, stats.clipped, stats.dropouts, stats.inconsistent = cost.mask_s, cost.clipped, cost.dropouts, cost.inconsistent
-        if total is not None and state.survivors is not None and not phases.in_range(nb, total, len(state.survivors.present)):
-            stats.rejected["range"] = stats.rejected.get("range", 0) + 1
-            log.warning("peer %d, round %d: the unmasked sum leaves the range %d clipped senders can reach: a sender added an "
-                        "offset to its masked words; refused", self.rank, round + 1, len(state.survivors.present))
-            total = None
         if total is None:
             stats.abandoned = True
             log.warning("peer %d, round %d: secure sum abandoned (%d of %d senders present): keeping its own adapter",
@@ -257,9 +252,10 @@ class Averager:
         """Secure mode: whether this exact vector was already sent in this session (and remember it).
         A sum abandoned by a spoiled release leaves a peer's adapter unchanged for the next step;
         sent again, a receiver could choose a different present list and subtract the two sums.
-        (Asked only where some receiver recovers dropouts: an all-or-nothing sum is always over
-        every sender, so a repeat there adds nothing to what sums over time already tell.)"""
-        digest = payload_digest(values.detach().contiguous().numpy().tobytes())
+        (Asked only by a peer that feeds some receiver that recovers dropouts: an all-or-nothing
+        sum is always over every sender, so a repeat there adds nothing to what sums over time
+        already tell.)"""
+        digest = payload_digest(memoryview(values.detach().contiguous().numpy()).cast("B"))  # hashed in place, no copy
         if digest in self.sent_digests:
             return True
         self.sent_digests.add(digest)
@@ -403,6 +399,7 @@ class _SecureChannel:
         # alive: sent something, even if it was refused (a refused length included)
         return heard, set(incoming) | set(getattr(averager.transport, "refused", {}))
 
-    def refuse(self, source: int, error: SecureError) -> None:
+    def refuse(self, source: int | None, error: SecureError) -> None:
         self.stats.rejected[error.reason] = self.stats.rejected.get(error.reason, 0) + 1
-        log.warning("peer %d, round %d: message from peer %d refused: %s", self.rank, self.round + 1, source, error)
+        what = "the secure sum" if source is None else f"message from peer {source}"
+        log.warning("peer %d, round %d: %s refused: %s", self.rank, self.round + 1, what, error)

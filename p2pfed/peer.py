@@ -153,16 +153,17 @@ class Peer:
         own = evaluate(self.model, self.data.own_eval, batch, self.device)
         result: dict[str, float | None] = {"own_loss": own["loss"], "own_ppl": own["ppl"], "global_loss": None, "global_ppl": None}
         if self.data.global_eval is not None and self.config.gossip.mode == "allreduce":
-            result.update(self._global_eval_once())
+            result.update(self._global_eval_once(batch))
         elif self.data.global_eval is not None:
             glob = evaluate(self.model, self.data.global_eval, batch, self.device)
             result.update(global_loss=glob["loss"], global_ppl=glob["ppl"])
         return result
 
-    def _global_eval_once(self) -> dict[str, float]:
+    def _global_eval_once(self, batch: int) -> dict[str, float]:
         """allreduce: every peer holds the same model (the same start, the exact mean each round),
         so peer 0 evaluates it on the shared set once and the others read its figure."""
-        loss = evaluate(self.model, self.data.global_eval, self.config.data.batch_size, self.device)["loss"] if self.rank == 0 else 0.0
+        assert self.data.global_eval is not None
+        loss = evaluate(self.model, self.data.global_eval, batch, self.device)["loss"] if self.rank == 0 else 0.0
         loss = float(self.transport.all_reduce_sum(torch.tensor([loss], dtype=torch.float64))[0])
         return {"global_loss": loss, "global_ppl": math.exp(min(loss, 50.0))}
 

@@ -30,7 +30,7 @@ SIGNATURE_SIZE = 64
 OVERHEAD = HEADER_SIZE + SIGNATURE_SIZE
 
 
-def payload_digest(payload: bytes) -> bytes:
+def payload_digest(payload: bytes | memoryview) -> bytes:
     """The 32-byte BLAKE3 digest a header signs for its payload."""
     return blake3(payload).digest()
 

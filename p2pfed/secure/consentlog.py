@@ -80,9 +80,13 @@ class ConsentLog:
         """Remember the list before the consent leaves this peer (on disk first, if there is a file)."""
         if key in self.lists:
             return
-        self.lists[key] = survivors
-        if self.path is None:
-            return
+        if self.path is not None:
+            self._append(key, survivors)
+        self.lists[key] = survivors  # only once it is on disk: a failed write leaves no consent to rely on
+
+    def _append(self, key: Key, survivors: Survivors) -> None:
+        """One record, whole and fsynced, at the end of the file."""
+        assert self.path is not None
         line = json.dumps({"key": list(key), "present": list(survivors.present), "helpers": list(survivors.helpers)})
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)

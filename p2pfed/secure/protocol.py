@@ -70,8 +70,9 @@ class Channel(Protocol):
         """Seal and send; return ({source: (kind, payload)} verified, every source whose bytes arrived)."""
         ...
 
-    def refuse(self, source: int, error: SecureError) -> None:
-        """Count and log a payload that verified but is not what this phase expects."""
+    def refuse(self, source: int | None, error: SecureError) -> None:
+        """Count and log a payload that verified but is not what this phase expects (None: the
+        sum as a whole, no one sender to name)."""
         ...
 
 
@@ -101,9 +102,18 @@ class Neighbourhood:
     consents: ConsentLog = field(default_factory=ConsentLog)
     """Lists consented to in this run (on disk under a peer: a redone round gets the same list)."""
     masks: PairwiseMasks = field(init=False)
+    recovering: tuple[frozenset[int], ...] = field(init=False)
+    """Per topology epoch, the receivers whose sum can complete with a sender missing."""
+    feeds_recovery: bool = field(init=False)
+    """Whether this peer ever sends to such a receiver (only then can a repeated vector leak)."""
 
     def __post_init__(self) -> None:
         self.masks = PairwiseMasks(self.identity, self.roster)
+        floor, topology = max(2, self.min_present), self.topology
+        self.recovering = tuple(frozenset(i for i in range(topology.n) if len(topology.in_neighbours(i, epoch)) > floor)
+                                for epoch in range(topology.period))
+        self.feeds_recovery = any(i in self.recovering[epoch] for epoch in range(topology.period)
+                                  for i in topology.out_neighbours(self.rank, epoch))
 
     @property
     def rank(self) -> int:
@@ -144,14 +154,15 @@ def viable(survivors: Survivors, senders: int, min_present: int = 2) -> bool:
 
 
 def recovers(nb: Neighbourhood, receiver: int, round: int) -> bool:
-    """Whether `receiver`'s sum can complete with a sender missing: only then are self masks,
-    shares and phases 2-6 needed (every peer reads the same topology, so all agree)."""
-    return len(nb.topology.in_neighbours(receiver, round)) > max(2, nb.min_present)
+    """Whether `receiver`'s sum can complete with a sender missing (more senders than
+    `max(2, min_present)`): only then are self masks, shares and phases 2-6 needed (every
+    peer reads the same topology, so all agree)."""
+    return receiver in nb.recovering[round % nb.topology.period]
 
 
 def any_recovery(nb: Neighbourhood, round: int) -> bool:
     """Whether any receiver of this round recovers: if none does, no peer runs phases 2-5."""
-    return any(recovers(nb, i, round) for i in range(nb.topology.n))
+    return bool(nb.recovering[round % nb.topology.period])
 
 
 def _timed(cost: SecureCost, start: float) -> None:
@@ -311,12 +322,16 @@ def release(nb: Neighbourhood, state: Exchange, channel: Channel, bundles: dict[
     return out
 
 
-def in_range(nb: Neighbourhood, total: torch.Tensor, present: int) -> bool:
-    """Whether an unmasked sum lies where `present` clipped senders can put it (each weighted
-    value within the bound, plus rounding). Masked words cannot be range-checked one by one,
-    so a hostile sender's offset shows only here: past this, the whole sum is refused."""
+def _in_range(nb: Neighbourhood, channel: Channel, total: torch.Tensor, present: int) -> torch.Tensor | None:
+    """The unmasked sum if it lies where `present` clipped senders can put it (each weighted
+    value within the bound, plus rounding), else None, refused as `range`. Masked words cannot
+    be range-checked one by one, so a hostile sender's offset shows only here."""
     limit = present * (nb.fixed.bound + nb.fixed.resolution)
-    return total.numel() == 0 or float(total.abs().max()) <= limit
+    if total.numel() == 0 or max(-float(total.min()), float(total.max())) <= limit:
+        return total
+    channel.refuse(None, SecureError(f"the unmasked sum leaves [-{limit:g}, {limit:g}], where {present} clipped senders put it: "
+                                     "a sender added an offset to its masked words", "range"))
+    return None
 
 
 def max_release_payload(nb: Neighbourhood, count: int) -> int:
@@ -329,12 +344,12 @@ def unmask(nb: Neighbourhood, state: Exchange, channel: Channel, releases: dict[
     if survivors is None:
         return None
     if not recovers(nb, nb.rank, state.round):  # every sender present: the pair masks cancel in the sum
-        start, total = time.perf_counter(), np.zeros(state.count, dtype=np.uint32)
+        start, total, context = time.perf_counter(), np.zeros(state.count, dtype=np.uint32), state.context(nb.rank)
         for j in survivors.present:
             total += state.data[j].words
-            total -= nb.masks.receiver_mask(j, state.context(nb.rank), state.count)
+            total -= nb.masks.receiver_mask(j, context, state.count)
         _timed(state.cost, start)
-        return nb.fixed.decode(total)
+        return _in_range(nb, channel, nb.fixed.decode(total), len(survivors.present))
     context, senders = state.context(nb.rank), nb.topology.in_neighbours(nb.rank, state.round)
     missing, needed = survivors.missing(senders), threshold(len(senders))
     held: dict[int, dict[int, bytes]] = {j: {} for j in survivors.present}
@@ -370,4 +385,4 @@ def unmask(nb: Neighbourhood, state: Exchange, channel: Channel, releases: dict[
     except SecureError as err:
         channel.refuse(culprit, err)
         return None
-    return nb.fixed.decode(total)
+    return _in_range(nb, channel, nb.fixed.decode(total), len(survivors.present))
