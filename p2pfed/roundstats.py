@@ -21,7 +21,7 @@ class RoundStats:
     neighbours: list[int] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
     mask_s: float = 0.0
-    """Secure mode: generating pairwise masks (ChaCha20)."""
+    """Secure mode: generating pairwise masks (AES-256-CTR keystreams)."""
     mix_s: float = 0.0
     """Combining the adapters heard (the mixing rule)."""
     clipped: int = 0

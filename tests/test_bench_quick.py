@@ -36,6 +36,6 @@ def test_quick_suite_writes_every_table_the_full_suite_writes(tmp_path):
     assert all(s["probe_gossip_s"] > 0 and s["probe_bare_s"] > 0 and s["probe_bytes"] > 0 for s in data["scaling"])
     # micro-benchmarks: every codec both ways, signing, verifying, masks, fixed point
     operations = {m["operation"] for m in data["micro"]}
-    assert {"encode lowrank+int8", "decode int4", "sign (seal)", "verify (open)", "mask (ChaCha20, one pair)", "fixed-point decode"} <= operations
+    assert {"encode lowrank+int8", "decode int4", "sign (seal)", "verify (open)", "mask (AES-256-CTR, one pair)", "fixed-point decode"} <= operations
     assert (tmp_path / "results" / md.name.replace(".md", "-ppl-vs-bytes.png")).stat().st_size > 10_000
     assert data["machine"]["torch"] and rows["gossip ring"]["config"]["model"]["name"] == "tiny"

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from p2pfed.secure.keystream import rounding_words
+from p2pfed.secure.scratch import Scratch
 
 MODULUS_BITS = 32
 
@@ -48,44 +49,55 @@ class FixedPoint:
             raise SecureError(f"{where} bound = {self.bound}, frac_bits = {self.frac_bits}: a neighbourhood of {senders} senders "
                               f"could sum to {self.largest_sum(senders):,}, past the signed 32-bit range (2^31); lower frac_bits or bound")
 
-    def encode(self, values: torch.Tensor, generator: torch.Generator) -> tuple[np.ndarray, int]:
+    def encode(self, values: torch.Tensor, generator: torch.Generator, scratch: Scratch | None = None) -> tuple[np.ndarray, int]:
         """(uint32 words, how many values were clipped)."""
-        return self.encode_weighted(values, {0: 1.0}, generator)[0]
+        return self.encode_weighted(values, {0: 1.0}, generator, scratch)[0]
 
-    def encode_weighted(self, values: torch.Tensor, weights: dict[int, float], generator: torch.Generator) -> dict[int, tuple[np.ndarray, int]]:
+    def encode_weighted(self, values: torch.Tensor, weights: dict[int, float], generator: torch.Generator,
+                        scratch: Scratch | None = None) -> dict[int, tuple[np.ndarray, int]]:
         """enc(w * values) for each receiver's weight w. One draw of rounding noise serves every
         receiver (each sum is still rounded without bias), and receivers with equal weights
-        share one encoding: treat the words as read-only."""
+        share one encoding: treat the words as read-only. With `scratch`, temporaries and
+        words live in its reused buffers (valid until its next encode)."""
         flat = values.detach().to("cpu", torch.float32).reshape(-1).numpy()
         peak = max(float(flat.max()), -float(flat.min())) if flat.size else 0.0  # NaN when any value is NaN
-        noise = rounding_words(generator, flat.size)
+        scratch = scratch or Scratch()
+        noise = rounding_words(generator, flat.size, out=scratch.array("rounding", flat.size, np.uint16))
+        dither = np.multiply(noise, np.float32(2.0**-16), out=scratch.array("dither", flat.size, np.float32))  # u on [0, 1)
         encoded: dict[float, tuple[np.ndarray, int]] = {}
-        for weight in dict.fromkeys(weights.values()):
-            encoded[weight] = self._scaled(flat, weight, peak, noise)
+        for n, weight in enumerate(dict.fromkeys(weights.values())):
+            encoded[weight] = self._scaled(flat, weight, peak, dither, scratch, f"encoded{n}")
         return {i: encoded[w] for i, w in weights.items()}
 
-    def _scaled(self, flat: np.ndarray, weight: float, peak: float, noise: np.ndarray) -> tuple[np.ndarray, int]:
-        """Stochastic rounding in integers: floor((v * 2^32 + u) / 2^32) with u uniform on
-        [0, 2^32) rounds v up with probability frac(v) (v * 2^32 is truncated first: a bias
-        below 2^-32 of a step). Clipping runs only when some value needs it; a non-finite value
-        is clipped too (NaN to 0, infinities to the bound) and counted, so no word ever leaves
-        the signed range the overflow check guarantees."""
-        fine = weight * self.scale * 2.0**32
-        limit = self.bound * self.scale * 2.0**32
-        scaled = np.multiply(flat, fine, dtype=np.float64)
-        clipped = 0
-        if not peak * fine <= limit:  # true for a NaN peak as well
+    def _scaled(self, flat: np.ndarray, weight: float, peak: float, dither: np.ndarray, scratch: Scratch,
+                name: str) -> tuple[np.ndarray, int]:
+        """Stochastic rounding: floor(w * v * 2^frac_bits + u), with u uniform on the multiples
+        of 2^-16 in [0, 1), rounds up with probability frac (a bias below 2^-16 of a step). In
+        float32, the precision of the values themselves and of plain gossip's own float32
+        mixing, so w * v is as exact as in plain gossip (float64 and int64 temporaries cost
+        three times as much). Clipping runs only when some value needs it; a
+        non-finite value is clipped too (NaN to 0, infinities to the bound) and counted, so no
+        word ever leaves the signed range the overflow check guarantees (|w v 2^f| < 2^30)."""
+        fine = np.float32(weight * self.scale)
+        limit = np.float32(self.bound * self.scale)
+        scaled = np.multiply(flat, fine, out=scratch.array("scaled", flat.size, np.float32))
+        clipped, near_bound = 0, not peak * float(fine) + 1.0 <= float(limit)  # true for a NaN peak as well
+        if near_bound:
             clipped = int(np.count_nonzero(~(np.abs(scaled) <= limit)))
             np.nan_to_num(scaled, copy=False, nan=0.0, posinf=limit, neginf=-limit)
-            np.clip(scaled, -limit, limit, out=scaled)
-        fixed = scaled.astype(np.int64)  # |v| * 2^32 < 2^63 where check() passed (|v| < 2^31)
-        fixed += noise
-        fixed >>= 32  # arithmetic shift: a floor, negatives included
-        return fixed.astype(np.int32).view(np.uint32), clipped  # two's complement: the words mod 2^32
+        np.add(scaled, dither, out=scaled)
+        np.floor(scaled, out=scaled)
+        if near_bound:  # after rounding: a float32 sum at the bound can carry one step past it
+            top = np.float32(math.floor(self.bound * self.scale))
+            np.clip(scaled, -top, top, out=scaled)
+        words = scratch.array(name, flat.size, np.int32)
+        np.copyto(words, scaled, casting="unsafe")  # integers below 2^31 in magnitude: exact
+        return words.view(np.uint32), clipped  # two's complement: the words mod 2^32
 
-    def decode(self, words: np.ndarray) -> torch.Tensor:
-        """Signed reading of uint32 words, back to floats."""
+    def decode(self, words: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
+        """Signed reading of uint32 words, back to floats (into `out`, float32, when given)."""
         signed = np.ascontiguousarray(words, dtype=np.uint32).view(np.int32)
-        values = signed.astype(np.float32)  # one rounding to float32; the power-of-two scale is exact
+        values = np.empty(signed.size, dtype=np.float32) if out is None else out
+        np.copyto(values, signed, casting="unsafe")  # one rounding to float32; the power-of-two scale is exact
         values *= np.float32(1.0 / self.scale)
         return torch.from_numpy(values)

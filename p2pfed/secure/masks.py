@@ -1,4 +1,4 @@
-"""Pair masks and self masks: ChaCha20 keystreams under keys bound to one context.
+"""Pair masks and self masks: AES-256-CTR keystreams under keys bound to one context.
 
 Pair secret of peers j, k: X25519 between their roster keys through HKDF-SHA256 (the same
 at both ends, no round trip). Each use derives a fresh key from it with the context and
@@ -30,9 +30,9 @@ def derive(secret: bytes, label: bytes, context: Context, extra: bytes = b"") ->
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=KEY_SALT, info=label + context.encode() + extra).derive(secret)
 
 
-def self_mask(seed: bytes, context: Context, count: int) -> np.ndarray:
+def self_mask(seed: bytes, context: Context, count: int, out: np.ndarray | None = None) -> np.ndarray:
     """PRG(b_j) for the context: the mask only b_j's holders can help remove."""
-    return prg_words(derive(seed, b"self", context), count)
+    return prg_words(derive(seed, b"self", context), count, out=out)
 
 
 @dataclass
@@ -70,19 +70,21 @@ class PairwiseMasks:
         """The AEAD key of a helper's release to a receiver: only the receiver reads shares and corrections."""
         return derive(self.secret(other), b"release", context)
 
-    def receiver_mask(self, other: int, context: Context, count: int) -> np.ndarray:
+    def receiver_mask(self, other: int, context: Context, count: int, out: np.ndarray | None = None) -> np.ndarray:
         """PRG(s_{sender,receiver}, context): what a sender adds for a receiver that needs every
         sender, so that only the receiver (never the wire) can read its sum."""
-        return prg_words(derive(self.secret(other), b"receiver", context), count)
+        return prg_words(derive(self.secret(other), b"receiver", context), count, out=out)
 
-    def mask(self, context: Context, others: list[int], count: int, onto: np.ndarray | None = None) -> np.ndarray:
+    def mask(self, context: Context, others: list[int], count: int, onto: np.ndarray | None = None,
+             stream: np.ndarray | None = None) -> np.ndarray:
         """sum over k in `others` (k != me) of sign(me, k) * PRG(s_{me,k}, context), mod 2^32;
-        added in place to `onto` when given (no copy of a large vector)."""
+        added in place to `onto` when given (no copy of a large vector); each keystream is
+        written into `stream` when given (a reused buffer of `count` uint32 words)."""
         total = np.zeros(count, dtype=np.uint32) if onto is None else onto
         for k in others:
             if k == self.rank:
                 continue
-            words = prg_words(derive(self.secret(k), b"mask", context), count)
+            words = prg_words(derive(self.secret(k), b"mask", context), count, out=stream)
             if self.rank < k:
                 total += words
             else:

@@ -65,7 +65,7 @@ class Data:
 
 def encode_data(words: np.ndarray, commitment: bytes, sealed_shares: list[bytes]) -> bytes:
     """Masked words, seed commitment, then the seed's sealed shares in holder order."""
-    return b"".join([np.ascontiguousarray(words, dtype="<u4").tobytes(), commitment, *sealed_shares])
+    return b"".join([memoryview(np.ascontiguousarray(words, dtype="<u4")).cast("B"), commitment, *sealed_shares])  # one copy
 
 
 def data_length(count: int, holders: int) -> int:

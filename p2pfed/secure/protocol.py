@@ -49,6 +49,7 @@ from p2pfed.secure.fixedpoint import FixedPoint, SecureError
 from p2pfed.secure.masks import PairwiseMasks, self_mask
 from p2pfed.secure.messages import (SIGNATURE_SIZE, Data, Survivors, data_length, decode_consents, decode_data, decode_release,
                                     decode_survivors, encode_data, encode_release, encode_survivors, release_length)
+from p2pfed.secure.scratch import Scratch
 from p2pfed.secure.session import Context
 from p2pfed.secure.shares import SEALED_SHARE_SIZE, SEED_SIZE, TAG_SIZE, combine, open_from, open_share, seal_for, seal_share, split_seed, threshold
 from p2pfed.topology import Topology
@@ -106,6 +107,8 @@ class Neighbourhood:
     """Per topology epoch, the receivers whose sum can complete with a sender missing."""
     feeds_recovery: bool = field(init=False)
     """Whether this peer ever sends to such a receiver (only then can a repeated vector leak)."""
+    scratch: Scratch = field(default_factory=Scratch)
+    """Work arrays (encodings, keystreams, sums) that stay mapped from one exchange to the next."""
 
     def __post_init__(self) -> None:
         self.masks = PairwiseMasks(self.identity, self.roster)
@@ -169,26 +172,31 @@ def _timed(cost: SecureCost, start: float) -> None:
     cost.mask_s += time.perf_counter() - start
 
 
-def send_data(nb: Neighbourhood, state: Exchange, values: torch.Tensor) -> dict[int, bytes]:
-    """Phase 1, as a sender: for each receiver, masked words, seed commitment, sealed shares."""
+def send_data(nb: Neighbourhood, state: Exchange, values: torch.Tensor) -> dict[int, bytes | memoryview]:
+    """Phase 1, as a sender: for each receiver, masked words, seed commitment, sealed shares
+    (a payload may be a view of a reused buffer: seal it before the next exchange)."""
     me, round, out = nb.rank, state.round, {}
     weights = nb.topology.weights(round)
     receivers = nb.topology.out_neighbours(me, round)
-    encoded = nb.fixed.encode_weighted(values, {i: float(weights[i, me]) for i in receivers}, nb.generator)
+    scratch = nb.scratch
+    encoded = nb.fixed.encode_weighted(values, {i: float(weights[i, me]) for i in receivers}, nb.generator, scratch)
+    stream = scratch.array("stream", state.count, np.uint32)
     for i in receivers:
         context, senders = state.context(i), nb.topology.in_neighbours(i, round)
         plain_words, clipped = encoded[i]
         state.cost.clipped += clipped
         start = time.perf_counter()
         if not recovers(nb, i, round):  # pair masks (cancel only in the sum of all) and the receiver's mask
-            words = nb.masks.mask(context, senders, state.count, onto=plain_words.copy())
-            words += nb.masks.receiver_mask(i, context, state.count)
-            out[i] = encode_data(words, b"", [])
+            words = scratch.array(f"words{i}", state.count, np.dtype("<u4"))  # the payload itself until sealed: no copy
+            np.add(plain_words, nb.masks.receiver_mask(i, context, state.count, out=stream), out=words)
+            nb.masks.mask(context, senders, state.count, onto=words, stream=stream)
+            out[i] = memoryview(words).cast("B")
             _timed(state.cost, start)
             continue
+        words = scratch.array("words", state.count, np.uint32)  # copied out by encode_data before the next receiver
         seed = os.urandom(SEED_SIZE)  # fresh per context, never stored
-        words = plain_words + self_mask(seed, context, state.count)  # a new array: plain_words may serve another receiver
-        nb.masks.mask(context, senders, state.count, onto=words)
+        np.add(plain_words, self_mask(seed, context, state.count, out=stream), out=words)  # plain_words may serve another receiver
+        nb.masks.mask(context, senders, state.count, onto=words, stream=stream)
         holders = [k for k in senders if k != me]
         shares = split_seed(seed, len(holders), threshold(len(senders)))
         sealed = [seal_share(nb.masks.share_key(k, context), s, context, me, k) for k, s in zip(holders, shares)]
@@ -344,16 +352,17 @@ def unmask(nb: Neighbourhood, state: Exchange, channel: Channel, releases: dict[
     if survivors is None:
         return None
     if not recovers(nb, nb.rank, state.round):  # every sender present: the pair masks cancel in the sum
-        start, total, context = time.perf_counter(), np.zeros(state.count, dtype=np.uint32), state.context(nb.rank)
+        start, context = time.perf_counter(), state.context(nb.rank)
+        total, stream = _zeroed(nb.scratch, state.count), nb.scratch.array("stream", state.count, np.uint32)
         for j in survivors.present:
             total += state.data[j].words
-            total -= nb.masks.receiver_mask(j, context, state.count)
+            total -= nb.masks.receiver_mask(j, context, state.count, out=stream)
         _timed(state.cost, start)
-        return _in_range(nb, channel, nb.fixed.decode(total), len(survivors.present))
+        return _in_range(nb, channel, _decoded(nb, total), len(survivors.present))
     context, senders = state.context(nb.rank), nb.topology.in_neighbours(nb.rank, state.round)
     missing, needed = survivors.missing(senders), threshold(len(senders))
     held: dict[int, dict[int, bytes]] = {j: {} for j in survivors.present}
-    total = np.zeros(state.count, dtype=np.uint32)
+    total, stream = _zeroed(nb.scratch, state.count), nb.scratch.array("stream", state.count, np.uint32)
     culprit = survivors.helpers[0]
     try:
         for culprit in survivors.helpers:
@@ -380,9 +389,22 @@ def unmask(nb: Neighbourhood, state: Exchange, channel: Channel, releases: dict[
                 raise SecureError(f"the shares of peer {j}'s seed from helpers {suspects} do not rebuild what peer {j} "
                                   f"committed to (a helper or peer {j} lied)", "share")
             total += state.data[j].words
-            total -= self_mask(seed, context, state.count)
+            total -= self_mask(seed, context, state.count, out=stream)
         _timed(state.cost, start)
     except SecureError as err:
         channel.refuse(culprit, err)
         return None
-    return _in_range(nb, channel, nb.fixed.decode(total), len(survivors.present))
+    return _in_range(nb, channel, _decoded(nb, total), len(survivors.present))
+
+
+def _zeroed(scratch: Scratch, count: int) -> np.ndarray:
+    """The receiver's running sum, in a reused buffer."""
+    total = scratch.array("total", count, np.uint32)
+    total.fill(0)
+    return total
+
+
+def _decoded(nb: Neighbourhood, total: np.ndarray) -> torch.Tensor:
+    """The unmasked sum as floats, in a reused buffer: the caller mixes it at once and keeps
+    only the mix (valid until the next exchange)."""
+    return nb.fixed.decode(total, out=nb.scratch.array("sum", total.size, np.float32))
