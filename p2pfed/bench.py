@@ -59,7 +59,8 @@ class Suite:
     common: tuple[str, ...] = ()
     judge: str = "compression"
     """The goals the table is judged by: 'compression' (>= 10x fewer bytes within 2% of row 1),
-    'secure' (masking against the plain row of its graph), 'sweep' (the best row), 'robust' or
+    'secure' (masking against the plain row of its graph), 'sweep' (the best row), 'privacy'
+    (the smallest epsilon within 5% of the no-DP row), 'robust' or
     'convergence' (the full suite's four goals)."""
     scaling: tuple[Scaling, ...] = ()
     micro: str = ""
@@ -125,6 +126,12 @@ def robust_rows(topologies: tuple[str, ...], attackers: tuple[int, ...], rules: 
     return tuple(rows)
 
 
+def _privacy_rows() -> tuple[Row, ...]:
+    from p2pfed.benchprivacy import PRIVACY_ROWS
+
+    return PRIVACY_ROWS
+
+
 SCALING_COMMON = ("run.rounds=3", "run.max_restarts=0", "run.local_steps=1", "run.eval_every=3", "data.batch_size=1", "data.eval_blocks=1", "bench.probes=5")
 SUITES = {
     "quick": Suite("launch/configs/tiny.toml", "the full suite's rows on the tiny random Llama, 4 peers (a smoke test of the harness)",
@@ -149,6 +156,8 @@ SUITES = {
                          "(SmolLM2-135M, 4 peers, ring)", CHOCO_ROWS, ("run.eval_every=12",), judge="sweep"),
     "secure": Suite("launch/configs/demo.toml", "secure averaging against plain gossip on the demo task (SmolLM2-135M, 4 peers, ring)",
                     SECURE_ROWS, ("run.eval_every=12", "bench.probes=5"), judge="secure"),
+    "privacy": Suite("launch/configs/demo.toml", "differential privacy of each party's data on the demo task (SmolLM2-135M, 4 peers, "
+                     "ring): perplexity against epsilon", _privacy_rows(), ("run.eval_every=12",), judge="privacy"),
 }
 
 
@@ -315,6 +324,8 @@ def convergence_figures(row: Row, run_dir: Path) -> dict[str, Any]:
 
 def row_figures(summary: dict[str, Any]) -> dict[str, Any]:
     """The columns of a bench table, from one run's summary.json."""
+    from p2pfed.benchprivacy import privacy_figures
+
     peers = summary["peers_table"]
     return {
         "global_ppl": summary["global_ppl_after"],
@@ -333,6 +344,7 @@ def row_figures(summary: dict[str, Any]) -> dict[str, Any]:
         "mask_s": mean_of(peers, "mask_s_per_round") or 0.0,
         "comm_s": mean_of(peers, "comm_s_per_round"),
         "round_s": mean_of(peers, "round_s"),
+        **privacy_figures(summary),
     }
 
 

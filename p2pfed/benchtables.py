@@ -270,6 +270,14 @@ def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]]
             plot = plot_ppl_vs_bytes(results, directory / f"{suite_name}-{stamp}-ppl-vs-bytes.png")
             text += ["## Convergence", "", convergence_table(results), "", "Goals:", *convergence_goals(results, scaling), "",
                      f"![perplexity vs total bytes]({plot.name})", ""]
+        elif suite.judge == "privacy":
+            from p2pfed.benchprivacy import plot_ppl_vs_epsilon, privacy_goal, privacy_table
+
+            plot = plot_ppl_vs_epsilon(results, directory / f"{suite_name}-{stamp}-ppl-vs-epsilon.png")
+            text += [privacy_table(results), "", privacy_goal(results), "", f"![perplexity vs epsilon]({plot.name})", "",
+                     "Epsilon: each party's whole data against all other parties and the wire together, at delta = 1e-5, after "
+                     "the run's releases (one per round: the clipped, noised local update; see README, Differential privacy). "
+                     "RDP is the bound the run enforces; PLD is tighter and is computed where its grid fits in memory.", ""]
         else:
             line = {"compression": goal_line, "secure": secure_line, "sweep": best_line}[suite.judge](results)
             text += [table(results), "", line, ""]

@@ -325,6 +325,34 @@ class FaultSection:
 
 
 @dataclass(kw_only=True)
+class PrivacySection:
+    """Differential privacy of a party's whole data against everyone else (p2pfed.privacy)."""
+
+    enabled: bool = False
+    clip: float = 1.0
+    """Each round's local update (trained adapter minus the round's starting mix) is scaled to
+    L2 norm <= clip before it leaves."""
+    noise_multiplier: float = 1.0
+    """Gaussian noise of std noise_multiplier * clip per value is added to what is shared."""
+    delta: float = 1e-5
+    """The delta at which epsilon is reported."""
+    epsilon: float = 0.0
+    """A budget: the round whose release would take epsilon past it is not run (0 = none)."""
+
+    def check(self) -> None:
+        if not self.clip > 0:
+            raise ConfigError(f"[privacy] clip: expected a positive L2 norm, got {self.clip}")
+        if not self.noise_multiplier >= 0:
+            raise ConfigError(f"[privacy] noise_multiplier: expected a number >= 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"[privacy] delta: expected a number in (0, 1), got {self.delta}")
+        if not self.epsilon >= 0:
+            raise ConfigError(f"[privacy] epsilon: expected a budget >= 0 (0 = none), got {self.epsilon}")
+        if self.enabled and self.epsilon > 0 and self.noise_multiplier == 0:
+            raise ConfigError("[privacy] epsilon: a budget needs noise (noise_multiplier > 0); without it epsilon is infinite")
+
+
+@dataclass(kw_only=True)
 class BenchSection:
     """Measurements the benchmark suite asks a run to take on top of its rounds."""
 
@@ -352,6 +380,7 @@ class Config:
     secure: SecureSection = field(default_factory=SecureSection)
     identity: IdentitySection = field(default_factory=IdentitySection)
     faults: FaultSection = field(default_factory=FaultSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     bench: BenchSection = field(default_factory=BenchSection)
 
     def check(self) -> None:
@@ -361,6 +390,9 @@ class Config:
             raise ConfigError("[consensus] target: consensus control exchanges again the very adapters whose network mean monitoring "
                               "just gave every peer, and that mean less a neighbourhood's sum is the rest of the network (one peer's "
                               "adapter on a ring of 4); set target = 0 in secure mode")
+        if self.privacy.enabled and self.gossip.mode == "local":
+            raise ConfigError("[privacy] enabled: gossip.mode = local shares nothing, so there is nothing to make private; "
+                              "use gossip or allreduce")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -33,6 +33,7 @@ from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round, iden
 from p2pfed.memory import keep_freed_memory
 from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
+from p2pfed.privacy import PrivacyLedger
 from p2pfed.probe import probe_exchange
 from p2pfed.secure import FixedPoint, SecureError
 from p2pfed.secure.consentlog import ConsentLog
@@ -132,6 +133,10 @@ class Peer:
                 log.warning("peer %d: fault injection on (%s from round %d)", self.rank, config.faults.kind, config.faults.from_round)
         self.identity = identity
         self.averager = self._averager(identity, roster)
+        self.privacy: PrivacyLedger | None = None
+        """[privacy]: opened in `run`, beside the checkpoints (its release count outlives restarts)."""
+        self.last_round = config.run.rounds
+        """The last round this run attempt runs: [run] rounds, or fewer where the epsilon budget ends it."""
 
     def _averager(self, identity: Identity | None, roster: Roster | None) -> Averager:
         cfg = self.config
@@ -198,10 +203,12 @@ class Peer:
                                if cfg.consensus.every else None)
             writer.write({"rank": self.rank, "round": 0, **first, "consensus": start_consensus, "restart": restart})
             self.say(f"round {0:>3}/{cfg.run.rounds} | global ppl {first['global_ppl'] or float('nan'):.2f} | own ppl {first['own_ppl']:.2f}")
-        for round in range(resume + 1, cfg.run.rounds + 1):
+        if cfg.privacy.enabled:
+            self.open_privacy(resume)
+        for round in range(resume + 1, self.last_round + 1):
             record = self.one_round(round, writer, restart, resumed_from=resume if round == resume + 1 and resume else None)
             history.append(record)
-            if round % cfg.run.checkpoint_every == 0 or round == cfg.run.rounds:
+            if round % cfg.run.checkpoint_every == 0 or round == self.last_round:
                 checkpoints.save(round, self.state(round))
             if self.stop_requested:
                 writer.close()
@@ -213,8 +220,11 @@ class Peer:
         n = len(history)
         total = lambda key: sum(h[key] for h in history)  # noqa: E731
         probe = self.probe() if cfg.bench.probes else {}
+        stopped = self.last_round if self.last_round < cfg.run.rounds else None
+        privacy = self.privacy.summary(stopped) if self.privacy is not None else {}
         return {
             **probe,
+            **privacy,
             "rank": self.rank,
             "global_ppl_before": first["global_ppl"], "global_ppl_after": last["global_ppl"],
             "own_ppl_before": first["own_ppl"], "own_ppl_after": last["own_ppl"],
@@ -239,6 +249,21 @@ class Peer:
             "repeats": total("repeats"),
             "clipped": total("clipped"),
         }
+
+    def open_privacy(self, resume: int) -> None:
+        """Count the releases made so far (every attempt's) and stop before the round that
+        would take epsilon past the budget; all peers agree on that round."""
+        cfg = self.config.privacy
+        self.privacy = PrivacyLedger.open(cfg, self.paths.checkpoints(self.rank))
+        affordable = self.privacy.agreed_rounds(self.config.run.rounds - resume, self.transport)
+        self.last_round = resume + affordable
+        if affordable == 0 and resume < self.config.run.rounds:
+            spent = self.privacy.accountant.epsilon(self.privacy.releases)
+            raise ConfigError(f"[privacy] epsilon = {cfg.epsilon}: no round is left in the budget (some peer's next release would "
+                              f"take epsilon past it; this peer has made {self.privacy.releases} releases, epsilon {spent:.3g})")
+        if self.last_round < self.config.run.rounds:
+            log.warning("peer %d: the epsilon budget %g affords rounds up to %d of %d; the run stops there", self.rank, cfg.epsilon,
+                        self.last_round, self.config.run.rounds)
 
     def checkpoint_key(self) -> bytes:
         """The MAC key of this peer's checkpoints: from its identity, else a local random key."""
@@ -278,21 +303,26 @@ class Peer:
         if self.faults is not None:
             self.faults.maybe_crash(round, restart)
         started = time.perf_counter()
+        before = adapter_to_vector(self.model) if self.privacy is not None else None
         train_loss = self.trainer.train(cfg.run.local_steps)
         compute_s = time.perf_counter() - started
-        measure = is_measured(round, cfg.consensus, cfg.run.rounds)
+        measure = is_measured(round, cfg.consensus, self.last_round)
+        shared, privacy = adapter_to_vector(self.model), {}
+        if self.privacy is not None and before is not None:  # the clipped, noised update leaves instead (and is this peer's own term)
+            shared, privacy = self.privacy.release(shared, before, round, restart)
         start = time.perf_counter()
-        result = gossip_round(self.averager, adapter_to_vector(self.model), round - 1, self.transport, cfg.consensus, measure)
+        result = gossip_round(self.averager, shared, round - 1, self.transport, cfg.consensus, measure)
         gossip_s = time.perf_counter() - start
         stats, consensus = result.stats, result.consensus
         vector_to_adapter(self.model, result.vector)
         monitor_s = max(0.0, gossip_s - stats.codec_s - stats.crypto_s - stats.mask_s - stats.comm_s - stats.mix_s)  # monitoring
         record: dict[str, Any] = {"rank": self.rank, "round": round, "train_loss": train_loss, "compute_s": compute_s, **dataclasses.asdict(stats),
                                   "consensus": consensus, "consensus_target": result.target, "gossip_steps": result.steps,
-                                  "monitor_s": monitor_s, "injected": self.faults.injected if self.faults else 0, "restart": restart}
+                                  "monitor_s": monitor_s, "injected": self.faults.injected if self.faults else 0, "restart": restart,
+                                  **privacy}
         if resumed_from is not None:
             record["resumed_from"] = resumed_from
-        if round % cfg.run.eval_every == 0 or round == cfg.run.rounds:
+        if round % cfg.run.eval_every == 0 or round == self.last_round:
             start = time.perf_counter()
             record.update(self.evaluate())
             record["eval_s"] = time.perf_counter() - start
@@ -344,6 +374,31 @@ def _bytes_line(config: Config, info: dict[str, Any]) -> str:
     return line
 
 
+def _privacy_info(config: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's privacy figures: the largest epsilon any peer reached (each is its party's own)."""
+    if not config.privacy.enabled:
+        return None
+    worst = lambda key: max((r[key] for r in rows if r.get(key) is not None), default=None)  # noqa: E731
+    stops = [r["budget_stop"] for r in rows if r.get("budget_stop") is not None]
+    return {"clip": config.privacy.clip, "noise_multiplier": config.privacy.noise_multiplier, "delta": config.privacy.delta,
+            "budget": config.privacy.epsilon or None, "epsilon": worst("epsilon"), "epsilon_pld": worst("epsilon_pld"),
+            "releases": worst("dp_releases"), "stopped_after_round": min(stops) if stops else None}
+
+
+def _privacy_line(config: Config, privacy: dict[str, Any]) -> str:
+    eps = privacy["epsilon"]
+    figure = "epsilon infinite (no noise)" if eps is None else f"epsilon {eps:.4g} (RDP)"
+    if privacy["epsilon_pld"] is not None:
+        figure += f", {privacy['epsilon_pld']:.4g} (PLD)"
+    line = (f"Differential privacy of each party's whole data against all others: updates clipped to L2 <= {privacy['clip']}, "
+            f"Gaussian noise multiplier {privacy['noise_multiplier']}; after {privacy['releases']} releases, {figure} at delta = "
+            f"{privacy['delta']:g} (the largest over peers).")
+    if privacy["stopped_after_round"] is not None:
+        line += (f" The epsilon budget {privacy['budget']:g} stopped the run after round {privacy['stopped_after_round']} of "
+                 f"{config.run.rounds}: the next release would have exceeded it.")
+    return line
+
+
 def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str, str], topology: Topology | None, wall_s: float) -> str:
     """Rank 0: the run summary (markdown for people, JSON for tools); returns the markdown."""
     paths = RunPaths(Path(config.run.out))
@@ -357,7 +412,7 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
         "global_ppl_before": before, "global_ppl_after": after, "global_ppl_change_pct": change,
         "bytes_total": sum(r["bytes_total"] for r in rows), "bytes_per_peer_per_round": mean_of(rows, "bytes_per_round"),
         "compression": mean_of(rows, "compression"),
-        "wall_s": wall_s, "peers_table": rows, "samples": samples,
+        "wall_s": wall_s, "peers_table": rows, "samples": samples, "privacy": _privacy_info(config, rows),
     }
     paths.summary_json.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     gap = f", spectral gap {info['spectral_gap']:.3f}" if topology else ""
@@ -373,6 +428,7 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
         "",
         _bytes_line(config, info),
         "",
+        *([_privacy_line(config, info["privacy"]), ""] if info["privacy"] else []),
         f"Prompt: {samples['prompt']!r}",
         "",
         "Base model:",

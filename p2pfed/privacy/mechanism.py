@@ -1,0 +1,70 @@
+"""The Gaussian mechanism on a party's local update (DP-FedAvg, McMahan et al. 2018).
+
+Each round a peer releases start + clip(trained - start) + N(0, (noise_multiplier * clip)^2 I)
+in place of its trained adapter, and keeps that released value as its own term of the mix.
+`start` is the previous round's mix, itself built only from released values, so everything
+a peer sends or holds after a round is post-processing of releases: one release per round is
+all the accountant has to count, whoever sees the messages (neighbours, the wire, all of
+them together). The unit protected is a party's whole data: the update of any dataset has
+norm at most `clip` after clipping.
+
+The noise comes from AES-256-CTR under a fresh key from os.urandom per release (Box-Muller
+in float64): a seeded torch generator would let anyone who knows the config's seed subtract it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from p2pfed.secure.keystream import prg_words
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a peer shares this round, and what the metrics say about it."""
+
+    vector: torch.Tensor
+    update_norm: float
+    """L2 norm of the local update before clipping (NaN: the update was not finite and was dropped)."""
+    clipped: bool
+
+
+def clip_update(update: torch.Tensor, clip: float) -> tuple[torch.Tensor, float, bool]:
+    """(update scaled to L2 norm <= clip, its norm before, whether it was scaled). A non-finite
+    update is replaced by zeros (it carries no usable signal, and NaN would travel)."""
+    norm = float(torch.linalg.vector_norm(update.double()))
+    if not math.isfinite(norm):
+        return torch.zeros_like(update), float("nan"), True
+    if norm <= clip:
+        return update, norm, False
+    # the scale is computed in float64 and the product rounded to float32: allow for that rounding
+    scaled = update * (clip / norm)
+    while float(torch.linalg.vector_norm(scaled.double())) > clip:
+        scaled = scaled * (1 - 2**-20)
+    return scaled, norm, True
+
+
+def gaussian_noise(count: int, std: float, key: bytes | None = None) -> torch.Tensor:
+    """`count` float32 samples of N(0, std^2) from a cryptographic keystream (a fresh random
+    key unless one is given, as the tests do)."""
+    key = os.urandom(32) if key is None else key
+    words = prg_words(key, 2 * count).astype(np.float64)
+    u1 = (words[:count] + 1.0) * 2.0**-32  # (0, 1]: log never sees 0
+    u2 = words[count:] * 2.0**-32
+    normal = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+    return torch.from_numpy((normal * std).astype(np.float32))
+
+
+def privatize(trained: torch.Tensor, start: torch.Tensor, clip: float, noise_multiplier: float,
+              key: bytes | None = None) -> Release:
+    """start + clip(trained - start) + N(0, (noise_multiplier * clip)^2): the value to share."""
+    update, norm, clipped = clip_update(trained - start, clip)
+    released = start + update
+    if noise_multiplier > 0:
+        released = released + gaussian_noise(released.numel(), noise_multiplier * clip, key).to(released.device)
+    return Release(released, norm, clipped)
