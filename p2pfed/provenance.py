@@ -13,20 +13,31 @@ ROOT = Path(__file__).resolve().parent.parent
 CODE_FILE = "code.json"
 
 
-PACKAGES = ("torch", "numpy", "transformers", "peft", "cryptography", "pycryptodome", "networkx")
+PACKAGES = ("torch", "numpy", "transformers", "peft", "cryptography", "pycryptodome", "networkx", "dp-accounting")
 """The dependencies whose versions can change a figure; recorded and compared with the commit."""
 
 
 def code_version(root: Path = ROOT) -> dict[str, Any]:
     """{'commit': 40 hex or None outside a git checkout, 'dirty': the tree differs from it
-    (tracked changes, or files git does not ignore but nobody added), 'packages': versions}."""
+    (tracked changes, or files git does not ignore but nobody added), 'packages': versions}.
+    Files under bench/results/ do not count: they are what benchmarks write (a suite run after
+    another would otherwise always be "dirty"), never what produces a figure."""
     packages = package_versions()
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": True, "packages": packages}
-    return {"commit": commit, "dirty": bool(status.strip()), "packages": packages}
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
+    return {"commit": commit, "dirty": any(not _is_output(path) for path in changed), "packages": packages}
+
+
+def _is_output(path: str) -> bool:
+    """A benchmark's own results (porcelain paths are relative to the root, quoted when odd)."""
+    return path.strip('"').startswith(RESULTS_DIR)
+
+
+RESULTS_DIR = "bench/results/"
 
 
 def package_versions() -> dict[str, str]:

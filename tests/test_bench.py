@@ -151,3 +151,27 @@ def test_every_row_of_every_suite_is_a_valid_config(name):
 def test_a_sweep_names_the_row_with_the_lowest_perplexity():
     rows = [row("gamma 0.05", 100.0, 43.0), row("gamma 0.2", 100.0, 42.5), row("gamma 0.8", 100.0, 44.0)]
     assert best_line(rows).startswith("Lowest global perplexity: gamma 0.2 (42.50)")
+
+
+def test_a_tree_is_dirty_for_code_changes_but_not_for_benchmark_results(tmp_path):
+    """A suite run right after another finds the first one's results file rewritten: that is
+    output, not code, so the rows stay attributable to the clean commit."""
+    import subprocess
+
+    from p2pfed.provenance import code_version
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "a.md").write_text("old\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "start")
+    assert code_version(tmp_path)["dirty"] is False
+    (tmp_path / "bench" / "results" / "a.md").write_text("new\n")
+    (tmp_path / "bench" / "results" / "b.json").write_text("{}\n")
+    assert code_version(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert code_version(tmp_path)["dirty"] is True
