@@ -196,11 +196,31 @@ def plot_topology(run: Run) -> Figure:
     return fig
 
 
-def run_table(runs: list[Run]) -> str:
-    """Markdown: one line per run with its final figures."""
-    lines = ["| run | mode | codec | global ppl | own ppl (mean) | consensus Xi^2 | MB sent (all peers) | s/round |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+def bytes_to_target(run: Run, target_ppl: float, tolerance: float = 0.01) -> float | None:
+    """Mean bytes a peer sent up to and including the first round whose mean global perplexity
+    came within `tolerance` of `target_ppl` (a reference run's final value); None if never."""
+    rounds, ppl = run.mean_series("global_ppl")
+    reached = [int(t) for t, p in zip(rounds, ppl) if p <= target_ppl * (1 + tolerance)]
+    if not reached:
+        return None
+    first = min(reached)
+    sent = [sum(float(r.get("bytes_sent") or 0) for r in run.metrics[rank] if r["round"] <= first) for rank in run.peers]
+    return float(np.mean(sent))
+
+
+def final_global_ppl(run: Run) -> float | None:
+    ppl = run.mean_series("global_ppl")[1]
+    return float(ppl[-1]) if len(ppl) else None
+
+
+def run_table(runs: list[Run], reference: Run | None = None) -> str:
+    """Markdown: one line per run with its final figures, and with a reference run the bytes
+    each peer sent until the global perplexity came within 1% of the reference's final one."""
+    target = final_global_ppl(reference) if reference is not None else None
+    lines = ["| run | mode | codec | global ppl | own ppl (mean) | consensus Xi^2 | MB sent (all peers) | s/round | MB/peer to target |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
+        to_target = bytes_to_target(run, target) if target is not None else None
         gossip = run.config.get("gossip", {})
         glob = run.mean_series("global_ppl")[1]
         own = [run.final(r, "own_ppl") for r in run.peers]
@@ -210,8 +230,11 @@ def run_table(runs: list[Run]) -> str:
         lines.append(
             f"| {run.label} | {gossip.get('mode', '?')} | {gossip.get('codec', '?')} | {_num(glob[-1] if len(glob) else None)} "
             f"| {_num(np.mean([o for o in own if o is not None]) if any(o is not None for o in own) else None)} "
-            f"| {_num(consensus[-1] if len(consensus) else None, '.2e')} | {sent / 1e6:,.2f} | {_num(np.mean(round_s) if len(round_s) else None)} |"
+            f"| {_num(consensus[-1] if len(consensus) else None, '.2e')} | {sent / 1e6:,.2f} | {_num(np.mean(round_s) if len(round_s) else None)} "
+            f"| {_num(None if to_target is None else to_target / 1e6, ',.2f')} |"
         )
+    if target is not None:
+        lines += ["", f"Target: within 1% of {reference.label}'s final global perplexity {target:.2f}; '-': never reached."]  # type: ignore[union-attr]
     return "\n".join(lines)
 
 
@@ -219,9 +242,11 @@ def _num(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None or not np.isfinite(value) else format(value, spec)
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """report.md and one PNG per plot in `out`; returns the markdown path."""
+def write_report(run_dirs: list[str | Path], out: str | Path, reference: str | Path | None = None) -> Path:
+    """report.md and one PNG per plot in `out`; returns the markdown path. `reference`: the run
+    whose final perplexity sets the bytes-to-target column (default: the first of several)."""
     runs = [load_run(d) for d in run_dirs]
+    base = load_run(reference) if reference is not None else (runs[0] if len(runs) > 1 else None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {"losses.png": plot_losses(runs), "consensus.png": plot_consensus(runs), "bytes.png": plot_bytes(runs),
@@ -231,7 +256,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
-    text = [f"# p2pfed report: {', '.join(r.label for r in runs)}", "", run_table(runs), ""]
+    text = [f"# p2pfed report: {', '.join(r.label for r in runs)}", "", run_table(runs, base), ""]
     text += [f"![{name}]({name})" for name in figures]
     text += ["", "Run directories: " + ", ".join(str(r.path) for r in runs)]
     path = out / "report.md"

@@ -270,6 +270,14 @@ def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]]
             plot = plot_ppl_vs_bytes(results, directory / f"{suite_name}-{stamp}-ppl-vs-bytes.png")
             text += ["## Convergence", "", convergence_table(results), "", "Goals:", *convergence_goals(results, scaling), "",
                      f"![perplexity vs total bytes]({plot.name})", ""]
+        elif suite.judge == "communication":
+            from p2pfed.benchcomm import add_bytes_to_target, communication_goal, communication_table, plot_frontier
+
+            results[:] = add_bytes_to_target(results)
+            plot = plot_frontier(results, directory / f"{suite_name}-{stamp}-ppl-vs-bytes.png")
+            text += [communication_table(results), "", communication_goal(results), "", f"![perplexity vs bytes]({plot.name})", "",
+                     "Bytes to target: what a peer sent until the run's global perplexity first came within 1% of row 1's final "
+                     "value (evaluated about every 4 local steps; '-': never).", ""]
         elif suite.judge == "privacy":
             from p2pfed.benchprivacy import plot_ppl_vs_epsilon, privacy_goal, privacy_table
 

@@ -143,7 +143,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else (Path(args.run_dirs[0]) / "report" if len(args.run_dirs) == 1 else Path("report"))
     try:
-        path = write_report(args.run_dirs, out)
+        path = write_report(args.run_dirs, out, args.reference)
     except AnalysisError as err:
         print(f"p2pfed report: {err}", file=sys.stderr)
         return 1
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="summary and plots of one or more run directories (several are overlaid)")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="where to write report.md and the PNGs (default: RUN_DIR/report, or ./report for several)")
+    report.add_argument("--reference", metavar="RUN_DIR", help="the run whose final global perplexity is the bytes-to-target "
+                        "target (default: the first of several run directories)")
     report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="run a benchmark suite and write its table to bench/results/")

@@ -2,7 +2,7 @@
 
 A codec is a *structure* (which numbers travel: all of them, the top k, k at coordinates
 drawn from a seed every peer shares, or low-rank factors of each matrix) followed by a
-*value encoding* (fp32, fp16, bf16, or stochastic int8/int4 with one scale per chunk).
+*value encoding* (fp32, fp16, bf16, or stochastic int8/int4/int2 with one scale per chunk).
 The spec string names both: "int8", "topk+int8", "randk+fp16", "lowrank+int8".
 Bytes are what crosses the wire, so byte counts are measured, never assumed.
 """
@@ -77,7 +77,7 @@ class StochasticInt:
     """Unbiased stochastic rounding to `bits`-bit integers, one fp32 scale per chunk.
 
     Each chunk is scaled so its largest magnitude maps to the top level L (127 for int8,
-    7 for int4); x/s is rounded down or up with probabilities that make E[decode] = x.
+    7 for int4, 1 for int2); x/s is rounded down or up with probabilities that make E[decode] = x.
     The error per value is below one step, max|chunk| / L.
     """
 
@@ -121,6 +121,11 @@ class StochasticInt:
     def _pack(self, codes: np.ndarray) -> bytes:
         if self.bits == 8:
             return codes.astype(np.int8).tobytes()
+        if self.bits == 2:  # -1..1 -> 0..2, four codes a byte, low bits first
+            twos = (codes.astype(np.int16) + 1).astype(np.uint8)
+            twos = np.append(twos, np.ones((-len(twos)) % 4, dtype=np.uint8))  # padding codes read as 0
+            quads = twos.reshape(-1, 4)
+            return (quads[:, 0] | (quads[:, 1] << 2) | (quads[:, 2] << 4) | (quads[:, 3] << 6)).astype(np.uint8).tobytes()
         nibbles = (codes.astype(np.int16) + 8).astype(np.uint8)  # -7..7 -> 1..15
         if len(nibbles) % 2:
             nibbles = np.append(nibbles, np.uint8(8))
@@ -129,6 +134,9 @@ class StochasticInt:
     def _unpack(self, raw: np.ndarray, count: int) -> np.ndarray:
         if self.bits == 8:
             return raw.view(np.int8)[:count].astype(np.int64)
+        if self.bits == 2:  # a code of 3 (beyond +-1) is refused by the caller's range check
+            quads = np.stack([raw & 3, (raw >> 2) & 3, (raw >> 4) & 3, raw >> 6], axis=1).reshape(-1)[:count]
+            return quads.astype(np.int64) - 1
         both = np.stack([raw & 0x0F, raw >> 4], axis=1).reshape(-1)[:count]
         return both.astype(np.int64) - 8
 
@@ -138,7 +146,10 @@ def _expect_size(name: str, data: bytes, expected: int, count: int) -> None:
         raise CodecError(f"{name} values of {len(data)} bytes, expected {expected} for {count} values")
 
 
-VALUE_ENCODINGS = ("fp32", "fp16", "bf16", "int8", "int4")
+VALUE_ENCODINGS = ("fp32", "fp16", "bf16", "int8", "int4", "int2")
+_INT_BITS = {"int8": (3, 8), "int4": (4, 4), "int2": (5, 2)}
+"""Stochastic integer encodings: (codec id, bits). int2 is ternary (-s, 0, s per chunk) in two
+bits a value: SparseLoCo's 2-bit values, unbiased, composable with top-k and error feedback."""
 
 
 def value_encoding(name: str, settings: CodecSettings, rank: int) -> ValueEncoding:
@@ -146,7 +157,8 @@ def value_encoding(name: str, settings: CodecSettings, rank: int) -> ValueEncodi
     if name in floats:
         return FloatValues(name, floats[name][0], floats[name][1])
     generator = torch.Generator().manual_seed(_derive_seed("stochastic-rounding", settings.seed, rank))
-    return StochasticInt(name, 3 if name == "int8" else 4, 8 if name == "int8" else 4, settings.chunk, generator)
+    codec_id, bits = _INT_BITS[name]
+    return StochasticInt(name, codec_id, bits, settings.chunk, generator)
 
 
 # ---------------------------------------------------------------- decoded messages

@@ -132,11 +132,34 @@ class TrainSection:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     """Max gradient norm; 0 disables clipping."""
+    optimizer_state: str = "keep"
+    """'keep': AdamW's moments carry over from round to round (they are local, never gossiped);
+    'reset': each round's local steps start from a fresh AdamW, as FedAvg implementations do."""
 
     def check(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"[train] lr: expected a positive number, got {self.lr}")
         _at_least(self, 0, "weight_decay", "warmup_steps", "grad_clip")
+        _one_of(self, "optimizer_state", ("keep", "reset"))
+
+
+@dataclass(kw_only=True)
+class OuterSection:
+    """An outer optimizer over gossip (DiLoCo, Douillard et al. 2023; NoLoCo for gossip):
+    after a round's H = run.local_steps inner steps and the mix, the change of the round
+    (start minus mix, the outer gradient) takes a Nesterov-momentum step from the start."""
+
+    enabled: bool = False
+    lr: float = 0.7
+    """Outer learning rate (DiLoCo: 0.7); lr = 1 with momentum = 0 is plain gossip."""
+    momentum: float = 0.9
+    nesterov: bool = True
+
+    def check(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"[outer] lr: expected a positive number, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"[outer] momentum: expected a number in [0, 1), got {self.momentum}")
 
 
 @dataclass(kw_only=True)
@@ -148,7 +171,7 @@ class GossipSection:
     server, a baseline), 'local' (no communication, a baseline)."""
     topology: str = "topologies/ring.toml"
     codec: str = "fp32"
-    """Value encoding (fp32, fp16, bf16, int8, int4), optionally after a structure and '+':
+    """Value encoding (fp32, fp16, bf16, int8, int4, int2), optionally after a structure and '+':
     'topk+int8', 'randk+fp16', 'lowrank+int8'. Numbers they leave open are in [codec]."""
     algorithm: str = "plain"
     """'plain': mix what neighbours sent as if exact; 'choco': CHOCO-gossip (Koloskova et
@@ -381,6 +404,7 @@ class Config:
     identity: IdentitySection = field(default_factory=IdentitySection)
     faults: FaultSection = field(default_factory=FaultSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    outer: OuterSection = field(default_factory=OuterSection)
     bench: BenchSection = field(default_factory=BenchSection)
 
     def check(self) -> None:

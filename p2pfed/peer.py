@@ -33,6 +33,7 @@ from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round, iden
 from p2pfed.memory import keep_freed_memory
 from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
+from p2pfed.outer import OuterOptimizer
 from p2pfed.privacy import PrivacyLedger
 from p2pfed.probe import probe_exchange
 from p2pfed.secure import FixedPoint, SecureError
@@ -133,6 +134,7 @@ class Peer:
                 log.warning("peer %d: fault injection on (%s from round %d)", self.rank, config.faults.kind, config.faults.from_round)
         self.identity = identity
         self.averager = self._averager(identity, roster)
+        self.outer = OuterOptimizer(config.outer) if config.outer.enabled else None
         self.privacy: PrivacyLedger | None = None
         """[privacy]: opened in `run`, beside the checkpoints (its release count outlives restarts)."""
         self.last_round = config.run.rounds
@@ -283,7 +285,8 @@ class Peer:
     def state(self, round: int) -> dict[str, Any]:
         """What this peer needs to continue after `round` exactly as if it had never stopped."""
         return {"round": round, "adapter": adapter_to_vector(self.model), "trainer": self.trainer.state(),
-                "averager": self.averager.state(), "torch_rng": torch.get_rng_state()}
+                "averager": self.averager.state(), "torch_rng": torch.get_rng_state(),
+                "outer": self.outer.state() if self.outer is not None else None}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load a verified checkpoint; one that does not fit this run (another run's file under the
@@ -293,6 +296,8 @@ class Peer:
             self.trainer.restore(state["trainer"])
             self.averager.restore(state["averager"])
             torch.set_rng_state(state["torch_rng"])
+            if self.outer is not None:
+                self.outer.restore(state.get("outer") or {})
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             raise CheckpointError(f"peer {self.rank}: its checkpoint does not fit this run's model, optimizer or averager "
                                   f"({type(err).__name__}: {str(err)[:120]}); rerun with --overwrite to start afresh") from None
@@ -303,7 +308,7 @@ class Peer:
         if self.faults is not None:
             self.faults.maybe_crash(round, restart)
         started = time.perf_counter()
-        before = adapter_to_vector(self.model) if self.privacy is not None else None
+        before = adapter_to_vector(self.model) if self.privacy is not None or self.outer is not None else None
         train_loss = self.trainer.train(cfg.run.local_steps)
         compute_s = time.perf_counter() - started
         measure = is_measured(round, cfg.consensus, self.last_round)
@@ -314,7 +319,8 @@ class Peer:
         result = gossip_round(self.averager, shared, round - 1, self.transport, cfg.consensus, measure)
         gossip_s = time.perf_counter() - start
         stats, consensus = result.stats, result.consensus
-        vector_to_adapter(self.model, result.vector)
+        after = result.vector if self.outer is None or before is None else self.outer.step(before, result.vector)
+        vector_to_adapter(self.model, after)
         monitor_s = max(0.0, gossip_s - stats.codec_s - stats.crypto_s - stats.mask_s - stats.comm_s - stats.mix_s)  # monitoring
         record: dict[str, Any] = {"rank": self.rank, "round": round, "train_loss": train_loss, "compute_s": compute_s, **dataclasses.asdict(stats),
                                   "consensus": consensus, "consensus_target": result.target, "gossip_steps": result.steps,

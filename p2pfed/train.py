@@ -72,7 +72,10 @@ class LocalTrainer:
         self.sampler.restore(state["sampler"])
 
     def train(self, steps: int) -> float:
-        """`steps` local steps; returns their mean loss."""
+        """`steps` local steps; returns their mean loss. With optimizer_state = 'reset' they
+        start from fresh AdamW moments (the schedule's step count goes on)."""
+        if self.section.optimizer_state == "reset":
+            self.optimizer.state.clear()
         return sum(self.step() for _ in range(steps)) / steps
 
 

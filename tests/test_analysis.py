@@ -3,6 +3,8 @@ saved, several runs overlay, and a directory that is not a run gets one clear se
 
 from pathlib import Path
 
+import json
+
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -69,3 +71,24 @@ def test_measured_consensus_speed_follows_the_spectral_gap():
             assert row["measured_rate"] == pytest.approx(row["predicted_rate"], abs=0.03), row["topology"]
         else:
             assert row["measured_rate"] < 0.05, row["topology"]
+
+
+def test_bytes_to_target_counts_a_peers_bytes_until_the_perplexity_first_comes_within_one_percent(tmp_path):
+    """Two peers; global ppl (mean over peers) 50 -> 44 -> 40.3 -> 40.1 at rounds 0, 2, 4, 6 and
+    bytes 100 per round each: against a target of 40.0 the first round within 1% (<= 40.4)
+    is round 4, so each peer sent 4 x 100 bytes by then; a target of 30 is never reached."""
+    from p2pfed.analysis import bytes_to_target, load_run
+
+    ppl = {0: 50.0, 2: 44.0, 4: 40.3, 6: 40.1}
+    (tmp_path / "metrics").mkdir()
+    for rank in (0, 1):
+        lines = []
+        for round in range(7):
+            row = {"rank": rank, "round": round, "bytes_sent": 0 if round == 0 else 100}
+            if round in ppl:
+                row["global_ppl"] = ppl[round] + (0.1 if rank else -0.1)  # the mean is ppl[round]
+            lines.append(json.dumps(row))
+        (tmp_path / "metrics" / f"peer{rank}.jsonl").write_text("\n".join(lines) + "\n")
+    run = load_run(tmp_path)
+    assert bytes_to_target(run, 40.0) == 400.0
+    assert bytes_to_target(run, 30.0) is None

@@ -1,6 +1,8 @@
 """Codecs: round trips within their stated bounds, unbiasedness, top-k and random-k rules,
 error feedback, and refusals of malformed payloads."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,35 @@ def test_error_feedback_auto_is_on_exactly_for_codecs_that_drop_or_bias(spec, se
 
     gossip = GossipSection(codec=spec, error_feedback=setting, secure=secure)
     assert error_feedback_for(gossip, build_codec(spec, CodecSettings())) is expected
+
+
+def test_int2_is_ternary_unbiased_within_one_step_and_two_bits_a_value():
+    """Each chunk maps to {-s, 0, s} with s = max|chunk|: every decoded value is within one
+    step s of the input; the mean of 4,000 encodings of the same vector lies within 5
+    standard errors (s / (2 sqrt(4000)) bounds a Bernoulli step's std) of the input; the
+    payload is 4 bytes of scale per chunk plus 2 bits a value, exactly."""
+    from p2pfed.codec import CodecSettings, build_codec
+
+    count, chunk = 1003, 64
+    codec = build_codec("int2", CodecSettings(chunk=chunk), rank=0)
+    vector = torch.randn(count, generator=torch.Generator().manual_seed(1))
+    payload = codec.encode(vector)
+    assert len(payload) == 4 * math.ceil(count / chunk) + math.ceil(count * 2 / 8) == codec.max_payload(count)
+    decoded = codec.decode(payload, count).values
+    steps = vector.view(-1)[: (count // chunk) * chunk].view(-1, chunk).abs().amax(dim=1)
+    step = torch.cat([steps.repeat_interleave(chunk), vector[(count // chunk) * chunk:].abs().max().expand(count % chunk)])
+    assert set(torch.unique(torch.round(decoded / step)).tolist()) <= {-1.0, 0.0, 1.0}
+    assert bool(((decoded - vector).abs() <= step * (1 + 1e-6)).all())
+    trials = 4000
+    mean = sum(codec.decode(codec.encode(vector), count).values for _ in range(trials)) / trials
+    assert bool(((mean - vector).abs() <= 5 * step / (2 * math.sqrt(trials))).all())
+
+
+def test_an_int2_code_beyond_one_is_refused():
+    from p2pfed.codec import CodecError, CodecSettings, build_codec
+
+    codec = build_codec("int2", CodecSettings(chunk=8), rank=0)
+    payload = bytearray(codec.encode(torch.randn(8)))
+    payload[-1] |= 0b11  # the first code of the last byte becomes 3: +2 steps
+    with pytest.raises(CodecError, match="beyond"):
+        codec.decode(bytes(payload), 8)
