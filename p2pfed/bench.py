@@ -17,21 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pfed.benchcomm import COMMUNICATION_ROWS
+from p2pfed.benchprivacy import PRIVACY_ROWS
+from p2pfed.benchrow import Row
 from p2pfed.config import ConfigError, config_from_dict, load_config
 from p2pfed.metrics import mean_of, read_metrics
 from p2pfed.provenance import code_version, read_code_version, same_clean_code
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class Row:
-    """One setting: a name for the table and the overrides that make it."""
-
-    name: str
-    overrides: tuple[str, ...] = ()
-    cell: tuple | None = None
-    """Robust suite: (topology, attackers, attack or None, rule)."""
 
 
 @dataclass(frozen=True)
@@ -127,18 +120,6 @@ def robust_rows(topologies: tuple[str, ...], attackers: tuple[int, ...], rules: 
     return tuple(rows)
 
 
-def _privacy_rows() -> tuple[Row, ...]:
-    from p2pfed.benchprivacy import PRIVACY_ROWS
-
-    return PRIVACY_ROWS
-
-
-def _communication_rows() -> tuple[Row, ...]:
-    from p2pfed.benchcomm import COMMUNICATION_ROWS
-
-    return COMMUNICATION_ROWS
-
-
 SCALING_COMMON = ("run.rounds=3", "run.max_restarts=0", "run.local_steps=1", "run.eval_every=3", "data.batch_size=1", "data.eval_blocks=1", "bench.probes=5")
 SUITES = {
     "quick": Suite("launch/configs/tiny.toml", "the full suite's rows on the tiny random Llama, 4 peers (a smoke test of the harness)",
@@ -164,9 +145,9 @@ SUITES = {
     "secure": Suite("launch/configs/demo.toml", "secure averaging against plain gossip on the demo task (SmolLM2-135M, 4 peers, ring)",
                     SECURE_ROWS, ("run.eval_every=12", "bench.probes=5"), judge="secure"),
     "privacy": Suite("launch/configs/demo.toml", "differential privacy of each party's data on the demo task (SmolLM2-135M, 4 peers, "
-                     "ring): perplexity against epsilon", _privacy_rows(), ("run.eval_every=12",), judge="privacy"),
+                     "ring): perplexity against epsilon", PRIVACY_ROWS, ("run.eval_every=12",), judge="privacy"),
     "communication": Suite("launch/configs/demo.toml", "communication to quality on the demo task (SmolLM2-135M, 4 peers, ring): "
-                           "48 local steps per peer in every row, H a round", _communication_rows(), judge="communication"),
+                           "48 local steps per peer in every row, H a round", COMMUNICATION_ROWS, judge="communication"),
 }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from p2pfed.bench import Row
+from p2pfed.benchrow import Row
 
 TOTAL_STEPS = 48
 OUTER = ("outer.enabled=true", "outer.lr=0.7", "outer.momentum=0.9")

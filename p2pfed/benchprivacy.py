@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from p2pfed.bench import Row
+from p2pfed.benchrow import Row
 
 CLIP = 1.0
 NOISE_MULTIPLIERS = (0.0003, 0.001, 0.003, 0.01)

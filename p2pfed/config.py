@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,9 +364,9 @@ class PrivacySection:
     """A budget: the round whose release would take epsilon past it is not run (0 = none)."""
 
     def check(self) -> None:
-        if not self.clip > 0:
-            raise ConfigError(f"[privacy] clip: expected a positive L2 norm, got {self.clip}")
-        if not self.noise_multiplier >= 0:
+        if not 0 < self.clip < math.inf:
+            raise ConfigError(f"[privacy] clip: expected a positive, finite L2 norm, got {self.clip}")
+        if not 0 <= self.noise_multiplier < math.inf:
             raise ConfigError(f"[privacy] noise_multiplier: expected a number >= 0, got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"[privacy] delta: expected a number in (0, 1), got {self.delta}")

@@ -256,11 +256,14 @@ class Peer:
         """Count the releases made so far (every attempt's) and stop before the round that
         would take epsilon past the budget; all peers agree on that round."""
         cfg = self.config.privacy
-        self.privacy = PrivacyLedger.open(cfg, self.paths.checkpoints(self.rank))
+        self.privacy = PrivacyLedger.open(cfg, self.paths.checkpoints(self.rank), resume)
+        if self.privacy.unprotected:
+            log.warning("peer %d: rounds %d-%d released adapters without [privacy]: epsilon is infinite for this run", self.rank,
+                        self.privacy.unprotected[0], self.privacy.unprotected[-1])
         affordable = self.privacy.agreed_rounds(self.config.run.rounds - resume, self.transport)
         self.last_round = resume + affordable
         if affordable == 0 and resume < self.config.run.rounds:
-            spent = self.privacy.accountant.epsilon(self.privacy.releases)
+            spent = self.privacy.epsilon()
             raise ConfigError(f"[privacy] epsilon = {cfg.epsilon}: no round is left in the budget (some peer's next release would "
                               f"take epsilon past it; this peer has made {self.privacy.releases} releases, epsilon {spent:.3g})")
         if self.last_round < self.config.run.rounds:
@@ -381,25 +384,28 @@ def _bytes_line(config: Config, info: dict[str, Any]) -> str:
 
 
 def _privacy_info(config: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The run's privacy figures: the largest epsilon any peer reached (each is its party's own)."""
+    """The run's privacy figures as this peer (rank 0, the summary's writer) measured them
+    itself: other peers' rows are their claims, and a claim must not rewrite this account."""
     if not config.privacy.enabled:
         return None
-    worst = lambda key: max((r[key] for r in rows if r.get(key) is not None), default=None)  # noqa: E731
-    stops = [r["budget_stop"] for r in rows if r.get("budget_stop") is not None]
+    own = rows[0]
     return {"clip": config.privacy.clip, "noise_multiplier": config.privacy.noise_multiplier, "delta": config.privacy.delta,
-            "budget": config.privacy.epsilon or None, "epsilon": worst("epsilon"), "epsilon_pld": worst("epsilon_pld"),
-            "releases": worst("dp_releases"), "stopped_after_round": min(stops) if stops else None}
+            "budget": config.privacy.epsilon or None, "epsilon": own.get("epsilon"), "epsilon_pld": own.get("epsilon_pld"),
+            "epsilon_replace": own.get("epsilon_replace"), "releases": own.get("dp_releases"),
+            "stopped_after_round": own.get("budget_stop"), "unprotected_rounds": own.get("dp_unprotected_rounds")}
 
 
 def _privacy_line(config: Config, privacy: dict[str, Any]) -> str:
     eps = privacy["epsilon"]
-    figure = "epsilon infinite (no noise)" if eps is None else f"epsilon {eps:.4g} (RDP)"
-    if privacy["epsilon_pld"] is not None:
+    figure = "epsilon infinite (no noise, or rounds run without [privacy])" if eps is None else f"epsilon {eps:.4g} (RDP)"
+    if eps is not None and privacy["epsilon_pld"] is not None:
         figure += f", {privacy['epsilon_pld']:.4g} (PLD)"
-    line = (f"Differential privacy of each party's whole data against all others: updates clipped to L2 <= {privacy['clip']}, "
-            f"Gaussian noise multiplier {privacy['noise_multiplier']}; after {privacy['releases']} releases, {figure} at delta = "
-            f"{privacy['delta']:g} (the largest over peers).")
-    if privacy["stopped_after_round"] is not None:
+    if eps is not None and privacy["epsilon_replace"] is not None:
+        figure += f"; against one of its records changed or its data replaced, {privacy['epsilon_replace']:.4g} (RDP)"
+    line = (f"Differential privacy of each party's whole data (added or removed) against all others: updates clipped to L2 <= "
+            f"{privacy['clip']}, Gaussian noise multiplier {privacy['noise_multiplier']}; peer 0 after {privacy['releases']} "
+            f"releases: {figure}, at delta = {privacy['delta']:g}.")
+    if privacy["stopped_after_round"] is not None and privacy["budget"] is not None:
         line += (f" The epsilon budget {privacy['budget']:g} stopped the run after round {privacy['stopped_after_round']} of "
                  f"{config.run.rounds}: the next release would have exceeded it.")
     return line

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import dp_accounting
+import numpy as np
 import pytest
 import torch
 from dp_accounting.pld import pld_privacy_accountant
@@ -112,14 +113,60 @@ def test_the_budget_affords_the_rounds_whose_epsilon_stays_within_it():
 def test_the_release_log_counts_every_release_a_torn_line_included(tmp_path):
     log = ReleaseLog.open(tmp_path)
     assert log.count == 0
-    log.record(1, 0)
-    log.record(2, 0)
-    log.record(2, 1)  # round 2 redone after a restart: a second release
+    log.record(1, 0, 2.0)
+    log.record(2, 0, 2.0)
+    log.record(2, 1, 0.5)  # round 2 redone after a restart, with less noise: a second release, at its own sigma
     assert ReleaseLog.open(tmp_path).count == 3
     with open(tmp_path / "releases.log", "ab") as f:
-        f.write(b"round 3 att")  # a crash mid-write: counted (one too many is safe)
-    assert ReleaseLog.open(tmp_path).count == 4
+        f.write(b"round 3 att")  # a crash mid-write: counted (one too many is safe), at the smallest sigma known
+    reread = ReleaseLog.open(tmp_path)
+    assert reread.count == 4 and reread.noise_multipliers(3.0) == [2.0, 2.0, 0.5, 0.5]
     assert oct(os.stat(tmp_path / "releases.log").st_mode & 0o777) == "0o600"
+
+
+def test_a_resume_with_less_noise_is_charged_what_each_release_cost(tmp_path):
+    """50 releases at sigma 0.5, then a resume at sigma 20: epsilon composes both, so it is at
+    least the first 50's (the review's attack: it read 1.5 instead of 166 before the fix)."""
+    from p2pfed.config import PrivacySection
+    from p2pfed.privacy import PrivacyLedger
+
+    log = ReleaseLog.open(tmp_path)
+    for round in range(1, 51):
+        log.record(round, 0, 0.5)
+    ledger = PrivacyLedger.open(PrivacySection(enabled=True, noise_multiplier=20.0), tmp_path, resume=50)
+    assert ledger.epsilon() >= Accountant(0.5, 1e-5).epsilon(50)
+
+
+def test_rounds_run_before_privacy_was_switched_on_make_epsilon_infinite_and_refuse_a_budget(tmp_path):
+    from p2pfed.config import PrivacySection
+    from p2pfed.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger.open(PrivacySection(enabled=True, noise_multiplier=2.0), tmp_path, resume=5)
+    assert ledger.unprotected == [1, 2, 3, 4, 5] and ledger.epsilon() == math.inf
+    with pytest.raises(ConfigError, match="released adapters without"):
+        PrivacyLedger.open(PrivacySection(enabled=True, noise_multiplier=2.0, epsilon=3.0), tmp_path, resume=5)
+
+
+def test_a_release_next_to_a_huge_start_still_moves_no_more_than_the_clip():
+    """A hostile mix can make a peer's start huge, where float32's grid is coarse: the sum
+    start + clipped update would round back to the unclipped update (review finding)."""
+    start = torch.full((1000,), 393216.0)  # float32 step 0.03125 there
+    trained = start + torch.full((1000,), 0.0625)  # norm 1.98 > clip 1
+    release = privatize(trained, start, clip=1.0, noise_multiplier=0.0)
+    assert float(torch.linalg.vector_norm(release.vector.double() - start.double())) <= 1.0
+
+
+def test_the_noise_reaches_past_the_tail_a_32_bit_sampler_stops_at():
+    """Box-Muller on 32-bit uniforms cannot go beyond 6.66 std, and a release coordinate past
+    the sampler's reach would prove the update was there. The smallest radius word (0) must
+    give sqrt(-2 ln 2^-53) = 8.57 std; the largest and a mid one give ~0 and sqrt(2 ln 2)."""
+    from p2pfed.privacy.mechanism import normal_from_words
+
+    radii = np.array([0, 2**64 - 1, 2**63], dtype=np.uint64)
+    angles = np.zeros(3, dtype=np.uint64)  # cos(0) = 1: the radius itself
+    z = normal_from_words(np.concatenate([radii, angles]))
+    assert z[0] == pytest.approx(math.sqrt(-2 * math.log(2.0**-53))) and z[0] > 8.5
+    assert abs(z[1]) < 1e-7 and z[2] == pytest.approx(math.sqrt(2 * math.log(2)), rel=1e-9)
 
 
 def test_a_planted_release_log_is_one_sentence(tmp_path):
@@ -131,6 +178,8 @@ def test_a_planted_release_log_is_one_sentence(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     (["privacy.clip=0"], r"\[privacy\] clip: expected a positive"),
+    (["privacy.clip=inf"], r"\[privacy\] clip: expected a positive, finite"),
+    (["privacy.noise_multiplier=inf"], r"\[privacy\] noise_multiplier"),
     (["privacy.delta=1"], r"\[privacy\] delta: expected a number in \(0, 1\)"),
     (["privacy.noise_multiplier=-1"], r"\[privacy\] noise_multiplier"),
     (["privacy.enabled=true", "privacy.noise_multiplier=0", "privacy.epsilon=3"], "a budget needs noise"),
@@ -150,3 +199,17 @@ def test_the_privacy_goal_is_the_smallest_epsilon_within_five_percent():
             {"name": "c", "global_ppl": 40.5, "epsilon": 9000.0}]
     assert "epsilon 900 at delta" in privacy_goal(rows) and "(a," in privacy_goal(rows)
     assert "no DP row came within" in privacy_goal(rows[:1] + rows[2:3])
+
+
+def test_the_summary_reports_its_own_privacy_account_not_a_hostile_peers_claim():
+    """Another peer's row claiming the budget stopped the run at round 1 (with no budget set)
+    crashed the summary before; now the writer's own row is the account."""
+    from p2pfed.peer import _privacy_info, _privacy_line
+
+    config = load_config(ROOT / "launch/configs/tiny.toml", ["privacy.enabled=true", "privacy.noise_multiplier=2"])
+    own = {"epsilon": 3.0, "epsilon_pld": 2.9, "epsilon_replace": 9.0, "dp_releases": 4, "budget_stop": None, "dp_unprotected_rounds": 0}
+    hostile = {**own, "epsilon": 0.001, "budget_stop": 1}
+    info = _privacy_info(config, [own, hostile])
+    line = _privacy_line(config, info)
+    assert info["epsilon"] == 3.0 and info["stopped_after_round"] is None
+    assert "epsilon 3 (RDP), 2.9 (PLD)" in line and "replaced, 9 (RDP)" in line and "stopped" not in line

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from p2pfed.config import PrivacySection
+from p2pfed.config import ConfigError, PrivacySection
 from p2pfed.privacy.accountant import Accountant, affordable_rounds
 from p2pfed.privacy.mechanism import privatize
 from p2pfed.privacy.releaselog import ReleaseLog
@@ -24,23 +24,43 @@ _COUNT_BYTES = 8
 class PrivacyLedger:
     section: PrivacySection
     log: ReleaseLog
+    unprotected: list[int] = field(default_factory=list)
+    """Rounds of this run (resumed from) that released an adapter with no log entry: without DP."""
     accountant: Accountant = field(init=False)
 
     def __post_init__(self) -> None:
         self.accountant = Accountant(self.section.noise_multiplier, self.section.delta)
 
     @classmethod
-    def open(cls, section: PrivacySection, directory: Path) -> "PrivacyLedger":
-        return cls(section, ReleaseLog.open(directory))
+    def open(cls, section: PrivacySection, directory: Path, resume: int = 0) -> "PrivacyLedger":
+        """The log so far; rounds 1..resume the checkpoints hold but the log lacks ran without
+        [privacy] (switched on at --resume, or the log removed): their adapters already left raw,
+        so epsilon is infinite, and a budget cannot be kept at all."""
+        log = ReleaseLog.open(directory)
+        logged = {r for r in log.rounds if r is not None}
+        unprotected = [r for r in range(1, resume + 1) if r not in logged]
+        if unprotected and section.epsilon > 0:
+            raise ConfigError(f"[privacy] epsilon = {section.epsilon}: rounds {unprotected[0]}-{unprotected[-1]} of this run released "
+                              f"adapters without [privacy] (no entry in {log.path}), so no epsilon budget can hold; start afresh "
+                              "with --overwrite")
+        return cls(section, log, unprotected)
 
     @property
     def releases(self) -> int:
         return self.log.count
 
+    def made(self) -> list[float]:
+        return self.log.noise_multipliers(self.section.noise_multiplier)
+
+    def epsilon(self, replace: bool = False) -> float:
+        return math.inf if self.unprotected else self.accountant.epsilon(0, self.made(), replace)
+
     def agreed_rounds(self, rounds_left: int, transport: Transport) -> int:
         """The rounds every peer's budget affords (the fewest any peer can afford: a round is
-        run by all or none). A peer's claim is a count it sends; one that is not is ignored."""
-        own = affordable_rounds(self.accountant, self.section.epsilon, self.releases, rounds_left)
+        run by all or none). Only with a budget; a claim that is not a count is ignored."""
+        if self.section.epsilon <= 0:
+            return rounds_left
+        own = affordable_rounds(self.accountant, self.section.epsilon, self.made(), rounds_left)
         claims = transport.all_gather_bytes(own.to_bytes(_COUNT_BYTES, "little"), max_length=_COUNT_BYTES)
         counts = [int.from_bytes(c, "little") for c in claims if len(c) == _COUNT_BYTES]
         return min([own, *(c for c in counts if c <= rounds_left)])
@@ -48,14 +68,15 @@ class PrivacyLedger:
     def release(self, trained: torch.Tensor, start: torch.Tensor, round: int, attempt: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The value to share this round and its metrics; the release is on disk first."""
         release = privatize(trained, start, self.section.clip, self.section.noise_multiplier)
-        self.log.record(round, attempt)
-        epsilon = self.accountant.epsilon(self.releases)
+        self.log.record(round, attempt, self.section.noise_multiplier)
+        epsilon = self.epsilon()
         return release.vector, {"update_norm": None if math.isnan(release.update_norm) else release.update_norm,
                                 "update_clipped": release.clipped, "epsilon": epsilon if math.isfinite(epsilon) else None,
                                 "dp_releases": self.releases}
 
     def summary(self, stopped_at: int | None) -> dict[str, Any]:
-        """Final epsilon (RDP and, where it fits, PLD) for the summary row."""
-        rdp = self.accountant.epsilon(self.releases)
-        return {"epsilon": rdp if math.isfinite(rdp) else None, "epsilon_pld": self.accountant.epsilon_pld(self.releases),
-                "dp_releases": self.releases, "budget_stop": stopped_at}
+        """Final epsilon (RDP and, where it fits, PLD; add/remove and replace-one) for the summary row."""
+        finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731
+        pld = None if self.unprotected else self.accountant.epsilon_pld(0, self.made())
+        return {"epsilon": finite(self.epsilon()), "epsilon_pld": finite(pld), "epsilon_replace": finite(self.epsilon(replace=True)),
+                "dp_releases": self.releases, "budget_stop": stopped_at, "dp_unprotected_rounds": len(self.unprotected)}

@@ -51,20 +51,41 @@ def clip_update(update: torch.Tensor, clip: float) -> tuple[torch.Tensor, float,
 
 def gaussian_noise(count: int, std: float, key: bytes | None = None) -> torch.Tensor:
     """`count` float32 samples of N(0, std^2) from a cryptographic keystream (a fresh random
-    key unless one is given, as the tests do)."""
+    key unless one is given, as the tests do). Box-Muller on 53-bit uniforms: the tail reaches
+    8.6 std (32-bit ones stop at 6.7, and a coordinate past the sampler's reach would prove the
+    update was there)."""
     key = os.urandom(32) if key is None else key
-    words = prg_words(key, 2 * count).astype(np.float64)
-    u1 = (words[:count] + 1.0) * 2.0**-32  # (0, 1]: log never sees 0
-    u2 = words[count:] * 2.0**-32
-    normal = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
-    return torch.from_numpy((normal * std).astype(np.float32))
+    return torch.from_numpy((normal_from_words(prg_words(key, 2 * count, width=8)) * std).astype(np.float32))
+
+
+def normal_from_words(words: np.ndarray) -> np.ndarray:
+    """Standard normals from pairs of uniform 64-bit words (the first half radii, the second angles)."""
+    count = words.size // 2
+    top = words >> np.uint64(11)  # 53 bits: all a float64 holds
+    u1 = (top[:count].astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]: log never sees 0
+    u2 = top[count:].astype(np.float64) * 2.0**-53
+    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+
+
+def _within_clip(start: torch.Tensor, update: torch.Tensor, clip: float) -> tuple[torch.Tensor, bool]:
+    """start + update as float32 with what actually leaves, (start + update) - start, inside the
+    clip: float32 rounds the sum onto its grid, which next to a large `start` (a hostile mix
+    can make it so) would give back part of what clipping took. Shrinks until it fits, else
+    sends no update at all."""
+    for _ in range(8):
+        released = start + update
+        if float(torch.linalg.vector_norm(released.double() - start.double())) <= clip:
+            return released, False
+        update = update * 0.5
+    return start.clone(), True
 
 
 def privatize(trained: torch.Tensor, start: torch.Tensor, clip: float, noise_multiplier: float,
               key: bytes | None = None) -> Release:
     """start + clip(trained - start) + N(0, (noise_multiplier * clip)^2): the value to share."""
     update, norm, clipped = clip_update(trained - start, clip)
-    released = start + update
+    released, dropped = _within_clip(start, update, clip)
+    clipped = clipped or dropped
     if noise_multiplier > 0:
         released = released + gaussian_noise(released.numel(), noise_multiplier * clip, key).to(released.device)
     return Release(released, norm, clipped)

@@ -1,48 +1,79 @@
-"""A peer's durable count of its DP releases, kept beside its checkpoints.
+"""A peer's durable record of its DP releases, kept beside its checkpoints.
 
 A round redone after a crash or restart releases a second noisy copy of an update, so the
-accountant must count every release ever made, not the rounds a checkpoint holds. Each
-release is appended and fsynced *before* its message leaves; a torn last line still counts
-(counting one release too many is safe, one too few is not).
+accountant must count every release ever made, not the rounds a checkpoint holds, each at
+the noise multiplier it was made with (a resume may change the setting). Each release is
+appended and fsynced *before* its message leaves; a line torn by a crash still counts (at
+the smallest noise multiplier in the log or now: counting one release too many, or too
+noisily, is safe; too few is not).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 FILENAME = "releases.log"
+_LINE = re.compile(rb"round (\d{1,9}) attempt (\d{1,9}) sigma ([0-9.eE+-]{1,32})")
 
 
+@dataclass
 class ReleaseLog:
-    def __init__(self, path: Path, count: int) -> None:
-        self.path, self.count = path, count
+    path: Path
+    rounds: list[int | None] = field(default_factory=list)
+    """The round of each release (None: a torn or unreadable line)."""
+    sigmas: list[float | None] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.rounds)
 
     @classmethod
     def open(cls, directory: Path) -> "ReleaseLog":
-        """Read the count so far; a planted non-regular file at the path is one sentence."""
+        """Read the releases so far; a planted non-regular file at the path is one sentence."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / FILENAME
-        count = 0
+        log = cls(path)
         if path.exists() or path.is_symlink():
-            info = os.lstat(path)
-            if not stat.S_ISREG(info.st_mode):
+            if not stat.S_ISREG(os.lstat(path).st_mode):
                 raise ValueError(f"{path}: expected a regular file of DP releases, found something else (a link, directory "
                                  "or pipe); move it away")
-            data = path.read_bytes()
-            count = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
-        return cls(path, count)
+            for line in path.read_bytes().split(b"\n"):
+                if not line:
+                    continue
+                match = _LINE.fullmatch(line)
+                sigma = float(match.group(3)) if match else None
+                ok = match is not None and sigma is not None and sigma == sigma and sigma >= 0
+                log.rounds.append(int(match.group(1)) if ok and match else None)
+                log.sigmas.append(sigma if ok else None)
+        return log
 
-    def record(self, round: int, attempt: int) -> None:
+    def noise_multipliers(self, current: float) -> list[float]:
+        """Every release's noise multiplier; an unreadable line at the smallest one known."""
+        known = [s for s in self.sigmas if s is not None]
+        floor = min([current, *known])
+        return [floor if s is None else s for s in self.sigmas]
+
+    def record(self, round: int, attempt: int, sigma: float) -> None:
         """One more release, on disk before the caller sends it."""
+        created = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
-            line = f"round {round} attempt {attempt}\n".encode()
+            line = f"round {round} attempt {attempt} sigma {sigma!r}\n".encode()
             written = 0
             while written < len(line):
                 written += os.write(fd, line[written:])
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.count += 1
+        if created:  # the new file's name must survive a crash too
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        self.rounds.append(round)
+        self.sigmas.append(sigma)

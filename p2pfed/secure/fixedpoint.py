@@ -71,27 +71,31 @@ class FixedPoint:
 
     def _scaled(self, flat: np.ndarray, weight: float, peak: float, dither: np.ndarray, scratch: Scratch,
                 name: str) -> tuple[np.ndarray, int]:
-        """Stochastic rounding: floor(w * v * 2^frac_bits + u), with u uniform on the multiples
-        of 2^-16 in [0, 1), rounds up with probability frac (a bias below 2^-16 of a step). In
-        float32, the precision of the values themselves and of plain gossip's own float32
-        mixing, so w * v is as exact as in plain gossip (float64 and int64 temporaries cost
-        three times as much). Clipping runs only when some value needs it; a
-        non-finite value is clipped too (NaN to 0, infinities to the bound) and counted, so no
-        word ever leaves the signed range the overflow check guarantees (|w v 2^f| < 2^30)."""
+        """Stochastic rounding of t = w * v * 2^frac_bits: floor(t) + [frac(t) + u >= 1], with u
+        uniform on the multiples of 2^-16 in [0, 1), rounds up with probability frac(t) (a bias
+        below 2^-16 of a step). The integer part is split off first, so the dither is added to
+        the fraction alone and float32 cannot round it away at large |t|. In float32, the
+        precision plain gossip mixes in (float64/int64 temporaries cost three times as much).
+        Values are clipped to the largest float32 integer at most bound * 2^frac_bits before
+        rounding (an integer never rounds up), so no word leaves the range check() allows; a
+        non-finite value is clipped too (NaN to 0, infinities to the bound) and counted."""
         fine = np.float32(weight * self.scale)
-        limit = np.float32(self.bound * self.scale)
-        scaled = np.multiply(flat, fine, out=scratch.array("scaled", flat.size, np.float32))
-        clipped, near_bound = 0, not peak * float(fine) + 1.0 <= float(limit)  # true for a NaN peak as well
-        if near_bound:
+        top = _float32_at_most(math.floor(self.bound * self.scale))
+        with np.errstate(over="ignore", invalid="ignore"):  # huge or non-finite inputs are clipped and counted below
+            scaled = np.multiply(flat, fine, out=scratch.array("scaled", flat.size, np.float32))
+        clipped = 0
+        if not peak * float(fine) * (1 + 2**-20) <= float(top):  # true for a NaN peak as well
+            limit = _float32_at_most(self.bound * self.scale)
             clipped = int(np.count_nonzero(~(np.abs(scaled) <= limit)))
-            np.nan_to_num(scaled, copy=False, nan=0.0, posinf=limit, neginf=-limit)
-        np.add(scaled, dither, out=scaled)
-        np.floor(scaled, out=scaled)
-        if near_bound:  # after rounding: a float32 sum at the bound can carry one step past it
-            top = np.float32(math.floor(self.bound * self.scale))
+            np.nan_to_num(scaled, copy=False, nan=0.0, posinf=top, neginf=-top)
             np.clip(scaled, -top, top, out=scaled)
+        whole = np.floor(scaled, out=scratch.array("whole", flat.size, np.float32))
+        np.subtract(scaled, whole, out=scaled)  # the fraction, exactly
+        np.add(scaled, dither, out=scaled)  # in [0, 2): >= 1 rounds up
+        np.floor(scaled, out=scaled)
+        np.add(whole, scaled, out=whole)
         words = scratch.array(name, flat.size, np.int32)
-        np.copyto(words, scaled, casting="unsafe")  # integers below 2^31 in magnitude: exact
+        np.copyto(words, whole, casting="unsafe")  # integers below 2^31 in magnitude: exact
         return words.view(np.uint32), clipped  # two's complement: the words mod 2^32
 
     def decode(self, words: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
@@ -101,3 +105,9 @@ class FixedPoint:
         np.copyto(values, signed, casting="unsafe")  # one rounding to float32; the power-of-two scale is exact
         values *= np.float32(1.0 / self.scale)
         return torch.from_numpy(values)
+
+
+def _float32_at_most(value: float) -> np.float32:
+    """The largest float32 not above `value` (float32(value) may round up past it)."""
+    nearest = np.float32(value)
+    return nearest if float(nearest) <= value else np.nextafter(nearest, np.float32(-np.inf))
