@@ -190,7 +190,7 @@ class BenchRun:
             print(f"    reusing the finished run of the identical config in {finished} (--fresh to run it again)", flush=True)
             return finished
         command = [sys.executable, "-m", "p2pfed.cli", "run", str(ROOT / base), "--overwrite", *overrides]
-        log_path = run_dir.with_suffix(".log")
+        log_path = run_dir.parent / f"{run_dir.name}.log"  # not with_suffix: a row name like "0.001" has a dot
         with open(log_path, "w", encoding="utf-8") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
             assert process.stdout is not None

@@ -32,6 +32,10 @@ def prepare(config: Config) -> None:
         topology = load_topology(config.gossip.topology, config.run.peers)  # fail here, not in N peers
         if config.gossip.secure:
             check_secure_topology(topology, FixedPoint(config.secure.bound, config.secure.frac_bits))
+    if config.outer.enabled and config.gossip.mode != "local":
+        from p2pfed.outer import check_outer
+
+        check_outer(config, topology if config.gossip.mode == "gossip" else None)
 
 
 def check_data_files(config: Config) -> None:

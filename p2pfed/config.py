@@ -269,8 +269,8 @@ class SecureSection:
     for collusion resistance (at most a peer's number of senders)."""
 
     def check(self) -> None:
-        if self.bound <= 0:
-            raise ConfigError(f"[secure] bound: expected a positive number, got {self.bound}")
+        if not 0 < self.bound < math.inf:
+            raise ConfigError(f"[secure] bound: expected a positive, finite number, got {self.bound}")
         if not 1 <= self.frac_bits <= 30:
             raise ConfigError(f"[secure] frac_bits: expected an integer in 1..30, got {self.frac_bits}")
         if self.min_present < 2:

@@ -33,7 +33,7 @@ from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round, iden
 from p2pfed.memory import keep_freed_memory
 from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
-from p2pfed.outer import OuterOptimizer
+from p2pfed.outer import OuterOptimizer, check_outer
 from p2pfed.privacy import PrivacyLedger
 from p2pfed.probe import probe_exchange
 from p2pfed.secure import FixedPoint, SecureError
@@ -135,7 +135,11 @@ class Peer:
         self.identity = identity
         self.averager = self._averager(identity, roster)
         self.outer = OuterOptimizer(config.outer) if config.outer.enabled else None
+        if self.outer is not None:
+            check_outer(config, self.topology)
         self.privacy: PrivacyLedger | None = None
+        self.private_rounds: list[int] = []
+        """Rounds of this run's history released under [privacy] (kept in the checkpoints)."""
         """[privacy]: opened in `run`, beside the checkpoints (its release count outlives restarts)."""
         self.last_round = config.run.rounds
         """The last round this run attempt runs: [run] rounds, or fewer where the epsilon budget ends it."""
@@ -256,7 +260,10 @@ class Peer:
         """Count the releases made so far (every attempt's) and stop before the round that
         would take epsilon past the budget; all peers agree on that round."""
         cfg = self.config.privacy
-        self.privacy = PrivacyLedger.open(cfg, self.paths.checkpoints(self.rank), resume)
+        try:
+            self.privacy = PrivacyLedger.open(cfg, self.paths.checkpoints(self.rank), resume, self.private_rounds)
+        except ValueError as err:  # a planted file or a second process at the release log
+            raise CheckpointError(str(err)) from None
         if self.privacy.unprotected:
             log.warning("peer %d: rounds %d-%d released adapters without [privacy]: epsilon is infinite for this run", self.rank,
                         self.privacy.unprotected[0], self.privacy.unprotected[-1])
@@ -289,7 +296,8 @@ class Peer:
         """What this peer needs to continue after `round` exactly as if it had never stopped."""
         return {"round": round, "adapter": adapter_to_vector(self.model), "trainer": self.trainer.state(),
                 "averager": self.averager.state(), "torch_rng": torch.get_rng_state(),
-                "outer": self.outer.state() if self.outer is not None else None}
+                "outer": self.outer.state() if self.outer is not None else None,
+                "private_rounds": torch.tensor(sorted(set(self.private_rounds)), dtype=torch.int64)}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load a verified checkpoint; one that does not fit this run (another run's file under the
@@ -300,7 +308,9 @@ class Peer:
             self.averager.restore(state["averager"])
             torch.set_rng_state(state["torch_rng"])
             if self.outer is not None:
-                self.outer.restore(state.get("outer") or {})
+                self.outer.restore(state.get("outer") or {}, like=state["adapter"])
+            private = state.get("private_rounds")
+            self.private_rounds = [int(r) for r in private.tolist()] if isinstance(private, torch.Tensor) and private.dim() == 1 else []
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             raise CheckpointError(f"peer {self.rank}: its checkpoint does not fit this run's model, optimizer or averager "
                                   f"({type(err).__name__}: {str(err)[:120]}); rerun with --overwrite to start afresh") from None
@@ -318,6 +328,7 @@ class Peer:
         shared, privacy = adapter_to_vector(self.model), {}
         if self.privacy is not None and before is not None:  # the clipped, noised update leaves instead (and is this peer's own term)
             shared, privacy = self.privacy.release(shared, before, round, restart)
+            self.private_rounds.append(round)
         start = time.perf_counter()
         result = gossip_round(self.averager, shared, round - 1, self.transport, cfg.consensus, measure)
         gossip_s = time.perf_counter() - start

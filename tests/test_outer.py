@@ -1,6 +1,8 @@
 """The outer optimizer (DiLoCo's Nesterov step over gossip), against updates computed by hand,
 and the inner optimizer's keep/reset choice."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -76,3 +78,39 @@ def test_every_communication_row_takes_the_same_local_steps_and_the_goal_reads_t
     assert "**met**; best 102.6x by a" in communication_goal(rows)
     rows[2]["bytes_total"] = 8e7
     assert "**missed**; best 50.0x by a" in communication_goal(rows)
+
+
+def test_outer_settings_that_make_disagreement_grow_are_refused_and_diloco_s_are_not():
+    """On the ring of 8 (W's eigenvalues 1/3 + 2/3 cos(2 pi k / 8)), Nesterov at lr 1.2 and
+    momentum 0.9 amplifies the most disagreeing mode (eigenvalue -1/3, h = 4/3): the 2x2
+    step [[1 - lr h (1 + mu), -lr mu^2], [h, mu]] has spectral radius 1.5 > 1 (closed form:
+    trace 1 - 3.04 + 0.9 = -1.14, det 0.9 * (1 - 3.04) + 1.2 * 0.81 * 4/3 = -0.54, so the roots
+    of z^2 + 1.14 z - 0.54: 0.36 and -1.5)."""
+    import numpy as np
+
+    from p2pfed.config import ConfigError, load_config
+    from p2pfed.outer import check_outer, growth
+    from p2pfed.topology import load_topology
+
+    section = OuterSection(enabled=True, lr=1.2, momentum=0.9)
+    expected = max(abs(np.roots([1, 1.14, -0.54])))
+    assert expected == pytest.approx(1.5)
+    assert growth(section, -1 / 3) == pytest.approx(expected, rel=1e-6) and expected > 1
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "launch/configs/tiny.toml", ["run.peers=8", "outer.enabled=true", "outer.lr=1.2"])
+    with pytest.raises(ConfigError, match=r"\[outer\] lr = 1.2, momentum = 0.9: on topologies/ring.toml"):
+        check_outer(config, load_topology(root / "topologies/ring.toml", 8))
+    for name, n in (("ring", 4), ("ring8", 8), ("torus16", 16), ("hypercube8", 8), ("exponential8", 8), ("complete8", 8),
+                    ("star8", 8), ("onepeer-exponential8", 8), ("random-regular16", 16), ("erdos-renyi16", 16)):
+        ok = load_config(root / "launch/configs/tiny.toml", [f"run.peers={n}", "outer.enabled=true"])
+        check_outer(ok, load_topology(root / f"topologies/{name}.toml", n))  # DiLoCo's 0.7 / 0.9 hold on all of them
+
+
+def test_a_checkpointed_momentum_of_the_wrong_shape_or_type_is_refused_at_restore():
+    outer = OuterOptimizer(OuterSection(enabled=True))
+    like = torch.zeros(5)
+    for bad in (torch.zeros(4), torch.zeros(5, dtype=torch.float64), torch.tensor([0.0, float("nan"), 0, 0, 0]), "x"):
+        with pytest.raises(ValueError):
+            outer.restore({"momentum": bad}, like=like)
+    outer.restore({"momentum": torch.ones(5)}, like=like)
+    assert torch.equal(outer.momentum, torch.ones(5))

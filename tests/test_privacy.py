@@ -116,11 +116,15 @@ def test_the_release_log_counts_every_release_a_torn_line_included(tmp_path):
     log.record(1, 0, 2.0)
     log.record(2, 0, 2.0)
     log.record(2, 1, 0.5)  # round 2 redone after a restart, with less noise: a second release, at its own sigma
+    with pytest.raises(ValueError, match="another process holds this peer's release log"):
+        ReleaseLog.open(tmp_path)  # a second writer would count only its own releases
+    log.close()
     assert ReleaseLog.open(tmp_path).count == 3
     with open(tmp_path / "releases.log", "ab") as f:
         f.write(b"round 3 att")  # a crash mid-write: counted (one too many is safe), at the smallest sigma known
     reread = ReleaseLog.open(tmp_path)
     assert reread.count == 4 and reread.noise_multipliers(3.0) == [2.0, 2.0, 0.5, 0.5]
+    reread.close()
     assert oct(os.stat(tmp_path / "releases.log").st_mode & 0o777) == "0o600"
 
 
@@ -133,8 +137,10 @@ def test_a_resume_with_less_noise_is_charged_what_each_release_cost(tmp_path):
     log = ReleaseLog.open(tmp_path)
     for round in range(1, 51):
         log.record(round, 0, 0.5)
-    ledger = PrivacyLedger.open(PrivacySection(enabled=True, noise_multiplier=20.0), tmp_path, resume=50)
-    assert ledger.epsilon() >= Accountant(0.5, 1e-5).epsilon(50)
+    log.close()
+    ledger = PrivacyLedger.open(PrivacySection(enabled=True, noise_multiplier=20.0), tmp_path, resume=50,
+                                private_rounds=range(1, 51))
+    assert ledger.unprotected == [] and ledger.epsilon() >= Accountant(0.5, 1e-5).epsilon(50)
 
 
 def test_rounds_run_before_privacy_was_switched_on_make_epsilon_infinite_and_refuse_a_budget(tmp_path):
@@ -143,8 +149,24 @@ def test_rounds_run_before_privacy_was_switched_on_make_epsilon_infinite_and_ref
 
     ledger = PrivacyLedger.open(PrivacySection(enabled=True, noise_multiplier=2.0), tmp_path, resume=5)
     assert ledger.unprotected == [1, 2, 3, 4, 5] and ledger.epsilon() == math.inf
+    ledger.log.close()
     with pytest.raises(ConfigError, match="released adapters without"):
         PrivacyLedger.open(PrivacySection(enabled=True, noise_multiplier=2.0, epsilon=3.0), tmp_path, resume=5)
+
+
+def test_an_earlier_attempts_log_lines_do_not_hide_rounds_a_later_attempt_ran_without_privacy(tmp_path):
+    """Review finding: attempt 1 logged rounds 1-10 and died with only round 5's checkpoint;
+    attempt 2 resumed without [privacy] and ran 6-10 raw; attempt 3 resumes from 10. The log
+    has lines for 1-10, but the checkpoint's history says only 1-5 were private."""
+    from p2pfed.config import PrivacySection
+    from p2pfed.privacy import PrivacyLedger
+
+    log = ReleaseLog.open(tmp_path)
+    for round in range(1, 11):
+        log.record(round, 0, 1.0)
+    log.close()
+    ledger = PrivacyLedger.open(PrivacySection(enabled=True, noise_multiplier=1.0), tmp_path, resume=10, private_rounds=range(1, 6))
+    assert ledger.unprotected == [6, 7, 8, 9, 10] and ledger.epsilon() == math.inf
 
 
 def test_a_release_next_to_a_huge_start_still_moves_no_more_than_the_clip():

@@ -5,6 +5,7 @@ the budget still affords (agreed by all peers, since gossip is lockstep)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,15 @@ class PrivacyLedger:
         self.accountant = Accountant(self.section.noise_multiplier, self.section.delta)
 
     @classmethod
-    def open(cls, section: PrivacySection, directory: Path, resume: int = 0) -> "PrivacyLedger":
-        """The log so far; rounds 1..resume the checkpoints hold but the log lacks ran without
-        [privacy] (switched on at --resume, or the log removed): their adapters already left raw,
-        so epsilon is infinite, and a budget cannot be kept at all."""
+    def open(cls, section: PrivacySection, directory: Path, resume: int = 0, private_rounds: Sequence[int] = ()) -> "PrivacyLedger":
+        """The log so far. `private_rounds`: the rounds the resumed checkpoint's history ran with
+        [privacy] (carried in every checkpoint, under its MAC); rounds 1..resume not among them
+        ran without it (switched off in some attempt, or on only now): their adapters already left
+        raw, so epsilon is infinite, and a budget cannot be kept at all. (The log alone cannot
+        tell: an earlier attempt's lines for a round do not say the attempt kept was private.)"""
         log = ReleaseLog.open(directory)
-        logged = {r for r in log.rounds if r is not None}
-        unprotected = [r for r in range(1, resume + 1) if r not in logged]
+        private = set(private_rounds)
+        unprotected = [r for r in range(1, resume + 1) if r not in private]
         if unprotected and section.epsilon > 0:
             raise ConfigError(f"[privacy] epsilon = {section.epsilon}: rounds {unprotected[0]}-{unprotected[-1]} of this run released "
                               f"adapters without [privacy] (no entry in {log.path}), so no epsilon budget can hold; start afresh "

@@ -44,9 +44,11 @@ def clip_update(update: torch.Tensor, clip: float) -> tuple[torch.Tensor, float,
         return update, norm, False
     # the scale is computed in float64 and the product rounded to float32: allow for that rounding
     scaled = update * (clip / norm)
-    while float(torch.linalg.vector_norm(scaled.double())) > clip:
+    for _ in range(64):
+        if float(torch.linalg.vector_norm(scaled.double())) <= clip:
+            return scaled, norm, True
         scaled = scaled * (1 - 2**-20)
-    return scaled, norm, True
+    return torch.zeros_like(update), norm, True  # a clip so small float32 cannot get under it (denormals): send nothing
 
 
 def gaussian_noise(count: int, std: float, key: bytes | None = None) -> torch.Tensor:

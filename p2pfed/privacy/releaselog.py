@@ -10,6 +10,7 @@ noisily, is safe; too few is not).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import stat
@@ -31,12 +32,18 @@ class ReleaseLog:
     def count(self) -> int:
         return len(self.rounds)
 
+    lock: int | None = None
+    """An exclusive flock on the directory's lock file, held while the log is open: a second
+    process for the same peer would count only its own releases."""
+
     @classmethod
     def open(cls, directory: Path) -> "ReleaseLog":
-        """Read the releases so far; a planted non-regular file at the path is one sentence."""
+        """Read the releases so far; a planted non-regular file at the path, or another process
+        holding this log, is one sentence."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / FILENAME
         log = cls(path)
+        log.lock = _exclusive(directory / (FILENAME + ".lock"))
         if path.exists() or path.is_symlink():
             if not stat.S_ISREG(os.lstat(path).st_mode):
                 raise ValueError(f"{path}: expected a regular file of DP releases, found something else (a link, directory "
@@ -50,6 +57,15 @@ class ReleaseLog:
                 log.rounds.append(int(match.group(1)) if ok and match else None)
                 log.sigmas.append(sigma if ok else None)
         return log
+
+    def close(self) -> None:
+        """Let another process (or a later open) have the log."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def noise_multipliers(self, current: float) -> list[float]:
         """Every release's noise multiplier; an unreadable line at the smallest one known."""
@@ -77,3 +93,14 @@ class ReleaseLog:
                 os.close(directory)
         self.rounds.append(round)
         self.sigmas.append(sigma)
+
+
+def _exclusive(path: Path) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"{path.parent / FILENAME}: another process holds this peer's release log (two processes for one "
+                         "peer would each count only their own releases); stop it first") from None
+    return fd
