@@ -65,27 +65,16 @@ def communication_goal(results: list[dict[str, Any]]) -> str:
 
 
 def plot_frontier(results: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
+    from p2pfed.benchtables import save_loglog
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(ax: Any) -> None:
+        for r in results:
+            ax.scatter(total_bytes_per_peer(r), r["global_ppl"])
+            ax.annotate(r["name"], (total_bytes_per_peer(r), r["global_ppl"]), fontsize=6)
+        ax.axhline(results[0]["global_ppl"] * (1 + MAX_GAP_PCT / 100), color="grey", linestyle=":", label="reference + 1%")
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in results:
-        ax.scatter(total_bytes_per_peer(r), r["global_ppl"])
-        ax.annotate(r["name"], (total_bytes_per_peer(r), r["global_ppl"]), fontsize=6)
-    ax.axhline(results[0]["global_ppl"] * (1 + MAX_GAP_PCT / 100), color="grey", linestyle=":", label="reference + 1%")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("total bytes sent per peer (log)")
-    ax.set_ylabel("final global eval perplexity (log)")
-    ax.set_title("Perplexity against communication, the same local steps in every row")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_loglog(path, draw, "total bytes sent per peer (log)", "final global eval perplexity (log)",
+                       "Perplexity against communication, the same local steps in every row")
 
 
 def add_bytes_to_target(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

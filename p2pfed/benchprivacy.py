@@ -63,27 +63,16 @@ def privacy_goal(results: list[dict[str, Any]], max_gap_pct: float = MAX_GAP_PCT
 
 
 def plot_ppl_vs_epsilon(results: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
+    from p2pfed.benchtables import save_loglog
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(ax: Any) -> None:
+        for secure, marker in ((False, "o"), (True, "s")):
+            points = sorted((r["epsilon"], r["global_ppl"]) for r in results
+                            if r.get("epsilon") is not None and ("secure" in r["name"]) == secure)
+            if points:
+                ax.plot(*zip(*points), marker=marker, label="DP + secure" if secure else "DP, plain gossip")
+        ax.axhline(results[0]["global_ppl"], color="grey", linestyle="--", label=f"no DP ({results[0]['global_ppl']:.2f})")
+        ax.axhline(results[0]["global_ppl"] * (1 + MAX_GAP_PCT / 100), color="grey", linestyle=":", label=f"no DP + {MAX_GAP_PCT:g}%")
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for secure, marker in ((False, "o"), (True, "s")):
-        points = sorted((r["epsilon"], r["global_ppl"]) for r in results
-                        if r.get("epsilon") is not None and ("secure" in r["name"]) == secure)
-        if points:
-            ax.plot(*zip(*points), marker=marker, label="DP + secure" if secure else "DP, plain gossip")
-    ax.axhline(results[0]["global_ppl"], color="grey", linestyle="--", label=f"no DP ({results[0]['global_ppl']:.2f})")
-    ax.axhline(results[0]["global_ppl"] * (1 + MAX_GAP_PCT / 100), color="grey", linestyle=":", label=f"no DP + {MAX_GAP_PCT:g}%")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("epsilon at delta = 1e-5 (RDP, log)")
-    ax.set_ylabel("final global eval perplexity (log)")
-    ax.set_title("Perplexity against each party's epsilon")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_loglog(path, draw, "epsilon at delta = 1e-5 (RDP, log)", "final global eval perplexity (log)",
+                       "Perplexity against each party's epsilon")

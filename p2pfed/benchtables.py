@@ -211,6 +211,28 @@ def micro_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def save_loglog(path: Path, draw: Any, xlabel: str, ylabel: str, title: str) -> Path:
+    """A log-log figure the suites' plots share: `draw(ax)` puts the points, this the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    draw(ax)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_ppl_vs_bytes(results: list[dict[str, Any]], path: Path) -> Path:
     """One point per row: final global perplexity against total bytes sent (rows that send nothing at the left edge)."""
     import matplotlib
