@@ -25,6 +25,8 @@ COMMUNICATION_ROWS = (
     Row("gossip fp32 every step", every(1)),
     *(Row(f"gossip fp32, H={h}", every(h)) for h in (4, 8, 16)),
     *(Row(f"gossip fp32, H={h}, outer Nesterov", every(h, *OUTER)) for h in (4, 8, 16)),
+    Row("gossip fp32, H=8, outer Nesterov, AdamW reset each round", every(8, *OUTER, "train.optimizer_state=reset")),
+    Row("H=4, outer Nesterov, top-k 2% + int2, error feedback", every(4, *OUTER, *SPARSE, "codec.fraction=0.02")),
     Row("H=8, outer Nesterov, top-k 2% + int2, error feedback", every(8, *OUTER, *SPARSE, "codec.fraction=0.02")),
     Row("H=16, outer Nesterov, top-k 1% + int2, error feedback", every(16, *OUTER, *SPARSE, "codec.fraction=0.01")),
 )
