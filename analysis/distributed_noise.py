@@ -1,13 +1,10 @@
 """Distributed noise against local noise in gossip, at equal epsilon (README, Differential privacy).
 
-Distributed: each sender j adds a share N_j (variance sigma^2 / n, n the fewest senders of
-its receivers) to what it sends, and tops its own term of the mix up to the full sigma^2
-(that term goes on in its next messages). One round releases every receiver's sum and every
-peer's own term; against an adversary who sees all of them but no one's shares, peer j's
-round is a Gaussian mechanism with mu^2 = a^T Sigma^+ a (a: how j's update enters each
-release, Sigma: the releases' noise covariance). Local: each peer adds the full noise to
-the one value it sends and keeps (mu^2 = 1 / sigma^2). At equal mu, compare the noise
-variance left in each peer's mix. Run: `.venv/bin/python analysis/distributed_noise.py`.
+Distributed (p2pfed.privacy.distributed): each sender adds a share of the variance to what
+it sends and tops its own term up to the full noise; the accountant's noise multiplier for
+the round is 1 / mu_j (mu_j^2 sigma^2 below, every sender present). Local: every release
+carries the full noise (mu^2 sigma^2 = 1). At equal epsilon, compare the noise variance
+left in each peer's mix (sigma = 1). Run: `.venv/bin/python analysis/distributed_noise.py`.
 """
 
 from __future__ import annotations
@@ -16,30 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
+from p2pfed.privacy.distributed import release_multipliers, share_fractions
 from p2pfed.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def compare(name: str, n: int) -> tuple[float, float, float]:
-    """(mu^2 sigma^2 of distributed, its mix noise at the local design's epsilon, local mix noise), sigma = 1."""
-    w = load_topology(ROOT / "topologies" / f"{name}.toml", n).weights(0)
-    senders = [[k for k in range(n) if k != r and w[r, k] > 0] for r in range(n)]
-    receivers = [[r for r in range(n) if r != j and w[r, j] > 0] for j in range(n)]
-    share = np.array([1.0 / min(len(senders[r]) for r in receivers[j]) for j in range(n)])
-    mixing = np.zeros((2 * n, 2 * n))  # releases (sums, own terms) x noise parts (shares, top-ups)
-    for r in range(n):
-        for k in senders[r]:
-            mixing[r, k] = w[r, k]
-        mixing[n + r, r] = mixing[n + r, n + r] = 1.0
-    covariance = mixing @ np.diag(np.concatenate([share, 1 - share])) @ mixing.T
-    worst = 0.0
-    for j in range(n):
-        a = np.zeros(2 * n)
-        a[receivers[j]] = w[receivers[j], j]
-        a[n + j] = 1.0
-        worst = max(worst, float(a @ np.linalg.pinv(covariance) @ a))
-    distributed = np.mean([w[r, r] ** 2 + sum(w[r, k] ** 2 * share[k] for k in senders[r]) for r in range(n)])
+    """(worst mu^2 sigma^2 of distributed, its mix noise at the local design's epsilon, local mix noise)."""
+    topology = load_topology(ROOT / "topologies" / f"{name}.toml", n)
+    w = np.asarray(topology.weights(0))
+    everyone = [len(topology.in_neighbours(r, 0)) for r in range(n)]
+    share = share_fractions(topology, 0, everyone)
+    worst = max(1.0 / m**2 for m in release_multipliers(topology, 0, 1.0, everyone))
+    distributed = np.mean([w[r, r] ** 2 + sum(w[r, k] ** 2 * share[k] for k in topology.in_neighbours(r, 0)) for r in range(n)])
     local = np.mean([float(np.sum(w[r] ** 2)) for r in range(n)])
     return worst, float(distributed * worst), float(local)
 

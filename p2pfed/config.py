@@ -362,8 +362,13 @@ class PrivacySection:
     """The delta at which epsilon is reported."""
     epsilon: float = 0.0
     """A budget: the round whose release would take epsilon past it is not run (0 = none)."""
+    noise: str = "local"
+    """'local': every release carries the full noise. 'distributed' (secure mode): a sender adds
+    only its share to what it sends, so a receiver's sum carries the full noise if the sum's
+    other senders add theirs; its own term keeps the full noise (p2pfed.privacy.distributed)."""
 
     def check(self) -> None:
+        _one_of(self, "noise", ("local", "distributed"))
         if not 0 < self.clip < math.inf:
             raise ConfigError(f"[privacy] clip: expected a positive, finite L2 norm, got {self.clip}")
         if not 0 <= self.noise_multiplier < math.inf:
@@ -418,6 +423,9 @@ class Config:
         if self.privacy.enabled and self.gossip.mode == "local":
             raise ConfigError("[privacy] enabled: gossip.mode = local shares nothing, so there is nothing to make private; "
                               "use gossip or allreduce")
+        if self.privacy.enabled and self.privacy.noise == "distributed" and not (self.gossip.mode == "gossip" and self.gossip.secure):
+            raise ConfigError("[privacy] noise = 'distributed': a sender's share of the noise is enough only inside a masked sum; "
+                              "it needs gossip.mode = 'gossip' with gossip.secure = true (or use noise = 'local')")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

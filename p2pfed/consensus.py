@@ -75,9 +75,10 @@ class GossipRound:
 
 
 def gossip_round(averager: Averager, vector: torch.Tensor, round: int, transport: Transport,
-                 section: ConsensusSection, measure: bool) -> GossipRound:
-    """One gossip step, then (with a target) more while Xi^2 is above it, up to the cap."""
-    vector, first = averager.average(vector, round, 0)
+                 section: ConsensusSection, measure: bool, own: torch.Tensor | None = None) -> GossipRound:
+    """One gossip step, then (with a target) more while Xi^2 is above it, up to the cap.
+    `own`: this peer's own term of the first step where it is not what it sends (distributed noise)."""
+    vector, first = averager.average(vector, round, 0, own=own)
     steps, masked = [first], averager.monitor()
     control = section.target > 0 and averager.mode == "gossip"
     if control and averager.secure is not None:  # the config refuses it too; this guards the library path

@@ -90,8 +90,13 @@ class Averager:
             self.session = session if session is not None else establish_session(transport)
             self.verifier = Verifier(self.rank, roster, self.session)
 
-    def average(self, vector: torch.Tensor, round: int, step: int = 0, purpose: Purpose = Purpose.TRAIN) -> tuple[torch.Tensor, RoundStats]:
-        """Return the mixed vector for gossip step `step` of `round`, and what it cost."""
+    def average(self, vector: torch.Tensor, round: int, step: int = 0, purpose: Purpose = Purpose.TRAIN,
+                own: torch.Tensor | None = None) -> tuple[torch.Tensor, RoundStats]:
+        """Return the mixed vector for gossip step `step` of `round`, and what it cost. `own`
+        (secure mode only): this peer's own term where it differs from what it sends (the
+        sender's noise share is topped up in it: p2pfed.privacy.distributed)."""
+        if own is not None and self.secure is None:
+            raise ValueError("a separate own term is for distributed noise, which needs secure mode")
         if self.mode == "local":
             return vector, RoundStats()
         if self.mode == "allreduce":
@@ -102,7 +107,7 @@ class Averager:
         self.contexts.add((purpose, round, step))
         try:
             if self.secure is not None:
-                return self._secure_gossip(vector, round, step, purpose)
+                return self._secure_gossip(vector, round, step, purpose, vector if own is None else own)
             return self._gossip(vector, round, step, purpose)
         except TransportTimeout as err:
             raise TransportTimeout(f"round {round + 1}{f' step {step}' if step else ''}: {err}") from None
@@ -183,8 +188,9 @@ class Averager:
         finally:
             stats.crypto_s += time.perf_counter() - start
 
-    def _secure_gossip(self, vector: torch.Tensor, round: int, step: int, purpose: Purpose) -> tuple[torch.Tensor, RoundStats]:
-        """The phases of p2pfed.secure.protocol in order, then the mix with what they unmasked."""
+    def _secure_gossip(self, vector: torch.Tensor, round: int, step: int, purpose: Purpose,
+                       own: torch.Tensor) -> tuple[torch.Tensor, RoundStats]:
+        """The phases of p2pfed.secure.protocol in order, then the mix of `own` with what they unmasked."""
         assert self.topology is not None and self.secure is not None
         nb, phases = self.secure, secure_phases
         senders, receivers = self.topology.in_neighbours(self.rank, round), self.topology.out_neighbours(self.rank, round)
@@ -235,16 +241,16 @@ class Averager:
             stats.abandoned = True
             log.warning("peer %d, round %d: secure sum abandoned (%d of %d senders present): keeping its own adapter",
                         self.rank, round + 1, len(state.data), len(senders))
-            return vector, stats
+            return own, stats
         start = time.perf_counter()
         present = state.survivors.present if state.survivors is not None else ()
         weights = self.topology.weights(round)[self.rank]
         self_weight = 1.0 - sum(float(weights[j]) for j in present)
         if chosen is None:
-            mixed = vector * self_weight + total
+            mixed = own * self_weight + total
         else:
-            mixed = vector.clone()
-            mixed[chosen] = values * self_weight + total
+            mixed = own.clone()
+            mixed[chosen] = own[chosen] * self_weight + total
         stats.codec_s += time.perf_counter() - start
         return mixed, stats
 

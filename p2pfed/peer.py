@@ -35,6 +35,7 @@ from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
 from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
 from p2pfed.outer import OuterOptimizer, check_outer
 from p2pfed.privacy import PrivacyLedger
+from p2pfed.privacy.distributed import NoisePlan
 from p2pfed.probe import probe_exchange
 from p2pfed.secure import FixedPoint, SecureError
 from p2pfed.secure.consentlog import ConsentLog
@@ -256,12 +257,20 @@ class Peer:
             "clipped": total("clipped"),
         }
 
+    def noise_plan(self) -> NoisePlan | None:
+        """Distributed noise: this peer's share per round and what the accountant may log for it."""
+        nb = self.averager.secure
+        if self.config.privacy.noise != "distributed" or nb is None:
+            return None
+        return NoisePlan.build(nb.topology, self.rank, self.config.privacy.noise_multiplier, max(2, nb.min_present),
+                               lambda receiver, epoch: receiver in nb.recovering[epoch])
+
     def open_privacy(self, resume: int) -> None:
         """Count the releases made so far (every attempt's) and stop before the round that
         would take epsilon past the budget; all peers agree on that round."""
         cfg = self.config.privacy
         try:
-            self.privacy = PrivacyLedger.open(cfg, self.paths.checkpoints(self.rank), resume, self.private_rounds)
+            self.privacy = PrivacyLedger.open(cfg, self.paths.checkpoints(self.rank), resume, self.private_rounds, self.noise_plan())
         except ValueError as err:  # a planted file or a second process at the release log
             raise CheckpointError(str(err)) from None
         if self.privacy.unprotected:
@@ -325,12 +334,12 @@ class Peer:
         train_loss = self.trainer.train(cfg.run.local_steps)
         compute_s = time.perf_counter() - started
         measure = is_measured(round, cfg.consensus, self.last_round)
-        shared, privacy = adapter_to_vector(self.model), {}
+        shared, own, privacy = adapter_to_vector(self.model), None, {}
         if self.privacy is not None and before is not None:  # the clipped, noised update leaves instead (and is this peer's own term)
-            shared, privacy = self.privacy.release(shared, before, round, restart)
+            shared, own, privacy = self.privacy.release(shared, before, round, restart)
             self.private_rounds.append(round)
         start = time.perf_counter()
-        result = gossip_round(self.averager, shared, round - 1, self.transport, cfg.consensus, measure)
+        result = gossip_round(self.averager, shared, round - 1, self.transport, cfg.consensus, measure, own)
         gossip_s = time.perf_counter() - start
         stats, consensus = result.stats, result.consensus
         after = result.vector if self.outer is None or before is None else self.outer.step(before, result.vector)
@@ -403,7 +412,8 @@ def _privacy_info(config: Config, rows: list[dict[str, Any]]) -> dict[str, Any] 
     return {"clip": config.privacy.clip, "noise_multiplier": config.privacy.noise_multiplier, "delta": config.privacy.delta,
             "budget": config.privacy.epsilon or None, "epsilon": own.get("epsilon"), "epsilon_pld": own.get("epsilon_pld"),
             "epsilon_replace": own.get("epsilon_replace"), "releases": own.get("dp_releases"),
-            "stopped_after_round": own.get("budget_stop"), "unprotected_rounds": own.get("dp_unprotected_rounds")}
+            "stopped_after_round": own.get("budget_stop"), "unprotected_rounds": own.get("dp_unprotected_rounds"),
+            "noise": config.privacy.noise, "epsilon_collusion": own.get("epsilon_collusion")}
 
 
 def _privacy_line(config: Config, privacy: dict[str, Any]) -> str:
@@ -416,6 +426,10 @@ def _privacy_line(config: Config, privacy: dict[str, Any]) -> str:
     line = (f"Differential privacy of each party's whole data (added or removed) against all others: updates clipped to L2 <= "
             f"{privacy['clip']}, Gaussian noise multiplier {privacy['noise_multiplier']}; peer 0 after {privacy['releases']} "
             f"releases: {figure}, at delta = {privacy['delta']:g}.")
+    if privacy["noise"] == "distributed":
+        collusion = privacy["epsilon_collusion"]
+        line += (" Distributed noise: that epsilon holds while the other senders of each masked sum add their shares; if all "
+                 f"other parties pool what they know, epsilon {'infinite' if collusion is None else f'{collusion:.4g}'} (RDP).")
     if privacy["stopped_after_round"] is not None and privacy["budget"] is not None:
         line += (f" The epsilon budget {privacy['budget']:g} stopped the run after round {privacy['stopped_after_round']} of "
                  f"{config.run.rounds}: the next release would have exceeded it.")

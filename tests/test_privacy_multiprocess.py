@@ -51,3 +51,31 @@ def test_secure_dp_mixes_carry_the_full_noise_variance_and_the_budget_stops_the_
         expected = (SIGMA * CLIP) ** 2 * sum(float(np.sum(np.linalg.matrix_power(w, power)[rank] ** 2)) for power in (1, 2))
         measured, n = float(np.mean(change**2)), change.size
         assert abs(measured - expected) <= 5 * expected * math.sqrt(2 / n) + 2 * CLIP**2 / n, (rank, measured, expected)
+
+
+def test_distributed_noise_gives_each_sum_the_full_variance_through_torch(tmp_path):
+    """Distributed noise, one round on the ring of 4 (weights 1/3, two senders per sum, each adding
+    half the variance): peer i ends at (1/3) own + S_i, its own term with the full noise and S_i
+    the masked sum, whose noise must be the full sigma^2 C^2 / 9 a single sender's weight asks
+    for (local noise would put 2/9 there). The accountant logs the round at sigma / sqrt(3/2)
+    (closed form in test_distributed_noise.py); every other party colluding, sigma / sqrt(2)."""
+    from p2pfed.privacy.accountant import epsilon_rdp
+
+    out = tmp_path / "run"
+    result = run_cli("run", str(TINY), f"run.out={out}", "run.rounds=1", "run.eval_every=1", "gossip.secure=true",
+                     "privacy.enabled=true", "privacy.noise=distributed", f"privacy.noise_multiplier={SIGMA}", f"privacy.clip={CLIP}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    privacy = json.loads((out / "summary.json").read_text())["privacy"]
+    assert privacy["noise"] == "distributed" and privacy["releases"] == 1
+    assert privacy["epsilon"] == pytest.approx(epsilon_rdp([SIGMA / math.sqrt(1.5)], 1e-5), rel=1e-9)
+    assert privacy["epsilon_collusion"] == pytest.approx(epsilon_rdp([SIGMA / math.sqrt(2)], 1e-5), rel=1e-9)
+    assert "if all other parties pool what they know" in (out / "summary.md").read_text()
+
+    full = (SIGMA * CLIP) ** 2
+    start = adapter_to_vector(wrap_lora(tiny_model(len(tiny_tokenizer())), LoraSection(), seed=0)).double().numpy()
+    for rank in range(PEERS):
+        model = PeftModel.from_pretrained(tiny_model(len(tiny_tokenizer())), out / "adapters" / f"peer{rank}", is_trainable=True)
+        change = adapter_to_vector(model).double().numpy() - start
+        n = change.size
+        in_sum = float(np.mean(change**2)) - full / 9  # less the own term's (1/3)^2 sigma^2 C^2
+        assert abs(in_sum - full / 9) <= 5 * (3 * full / 9) * math.sqrt(2 / n) + 2 * CLIP**2 / n, (rank, in_sum * 9 / full)

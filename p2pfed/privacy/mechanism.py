@@ -29,6 +29,10 @@ class Release:
     """What a peer shares this round, and what the metrics say about it."""
 
     vector: torch.Tensor
+    """What is sent."""
+    own: torch.Tensor
+    """What the peer keeps as its own term of the mix: `vector`, or with distributed noise
+    `vector` plus the rest of the full noise."""
     update_norm: float
     """L2 norm of the local update before clipping (NaN: the update was not finite and was dropped)."""
     clipped: bool
@@ -83,11 +87,21 @@ def _within_clip(start: torch.Tensor, update: torch.Tensor, clip: float) -> tupl
 
 
 def privatize(trained: torch.Tensor, start: torch.Tensor, clip: float, noise_multiplier: float,
-              key: bytes | None = None) -> Release:
-    """start + clip(trained - start) + N(0, (noise_multiplier * clip)^2): the value to share."""
+              key: bytes | None = None, share: float = 1.0) -> Release:
+    """start + clip(trained - start) + N(0, share * (noise_multiplier * clip)^2): the value to
+    send; the own term tops it up to the full variance with independent noise (share < 1: the
+    distributed noise of p2pfed.privacy.distributed, whose sums carry the rest)."""
+    if not 0 < share <= 1:
+        raise ValueError(f"noise share: expected a fraction in (0, 1], got {share}")
     update, norm, clipped = clip_update(trained - start, clip)
     released, dropped = _within_clip(start, update, clip)
     clipped = clipped or dropped
+    own = released
     if noise_multiplier > 0:
-        released = released + gaussian_noise(released.numel(), noise_multiplier * clip, key).to(released.device)
-    return Release(released, norm, clipped)
+        std = noise_multiplier * clip
+        released = released + gaussian_noise(released.numel(), std * math.sqrt(share), key).to(released.device)
+        own = released
+        if share < 1:
+            top_up = None if key is None else bytes(b ^ 0xFF for b in key)  # a test's fixed key: an independent stream
+            own = released + gaussian_noise(released.numel(), std * math.sqrt(1 - share), top_up).to(released.device)
+    return Release(released, own, norm, clipped)
