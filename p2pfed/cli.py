@@ -1,4 +1,5 @@
-"""The `p2pfed` command: run (spawns torchrun here), peer (entry under torchrun), prepare, keygen, topology show, report, bench."""
+"""The `p2pfed` command: run (spawns torchrun here), simulate (all peers in this process), peer (entry under torchrun),
+prepare, keygen, topology show, report, bench."""
 
 from __future__ import annotations
 
@@ -76,7 +77,9 @@ def torchrun_command(config_path: Path, peers: int, max_restarts: int) -> list[s
             "-m", "p2pfed.peer", str(config_path)]
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def start_run(args: argparse.Namespace) -> tuple[Config, Path]:
+    """What `run` and `simulate` do before the peers start: config, model and data, the run
+    directory claimed, keys, the resolved config and the code's commit on disk."""
     overrides = list(args.overrides) + ([f"run.peers={args.peers}"] if args.peers else [])
     config = load_config(args.config, overrides)
     prepare(config)
@@ -90,6 +93,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     resolved = out / "config.json"
     save_config(config, resolved)
     record_code(out, args.resume)
+    return config, resolved
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config, resolved = start_run(args)
+    out = Path(config.run.out)
     threads = config.run.threads or max(1, (os.cpu_count() or 1) // config.run.peers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     print(f"[p2pfed] launching {config.run.peers} peers with torchrun; resolved config in {resolved}", flush=True)
@@ -98,6 +107,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"p2pfed run: torchrun exited with status {code}; see the peer messages above", file=sys.stderr)
         return code
     print("\n" + (out / "summary.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import torch
+
+    from p2pfed.checkpoint import CheckpointError
+    from p2pfed.peer import StopRequested
+    from p2pfed.secure import SecureError
+    from p2pfed.simulate import simulate
+    from p2pfed.transport import TransportRefused, TransportTimeout
+
+    config, resolved = start_run(args)
+    if config.bench.probes:
+        raise ConfigError("[bench] probes: bare send/recv probes time a real network; set probes = 0 to simulate")
+    torch.set_num_threads(config.run.threads or os.cpu_count() or 1)
+    print(f"[p2pfed] simulating {config.run.peers} peers in one process on one base model; resolved config in {resolved}", flush=True)
+    try:
+        result = simulate(config)
+    except StopRequested as err:
+        print(f"p2pfed simulate: {err}", file=sys.stderr)
+        return 130
+    except (TransportTimeout, TransportRefused, CheckpointError, SecureError) as err:
+        print(f"p2pfed simulate: {err}", file=sys.stderr)
+        return 1
+    print("\n" + (Path(config.run.out) / "summary.md").read_text(encoding="utf-8"))
+    print(f"[p2pfed] simulated {config.run.peers} peers in {result.wall_s:.1f} s ({result.swaps} adapter swaps, "
+          f"{result.per_peer_bytes / 1e6:.2f} MB of adapter per peer)")
     return 0
 
 
@@ -203,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace results already in run.out")
     run.add_argument("--resume", action="store_true", help="continue the run in run.out from its newest common checkpoint")
     run.set_defaults(func=cmd_run)
+
+    sim = sub.add_parser("simulate", help="all N peers in this process on one shared base model (same code path, in-process network)")
+    sim.add_argument("config")
+    sim.add_argument("overrides", nargs="*", help="section.key=value, e.g. gossip.topology=topologies/torus.toml")
+    sim.add_argument("--peers", type=int, help="number of peers (overrides run.peers)")
+    sim.add_argument("--overwrite", action="store_true", help="replace results already in run.out")
+    sim.add_argument("--resume", action="store_true", help="continue the run in run.out from its newest common checkpoint")
+    sim.set_defaults(func=cmd_simulate)
 
     peer = sub.add_parser("peer", help="one peer; run under torchrun")
     peer.add_argument("config")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,22 +207,41 @@ def _blocks_or_error(texts: list[str], tokenizer, section: DataSection, what: st
     return blocks
 
 
+_SHARED: dict[tuple, object] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared(key: tuple, build):
+    """What every peer of a simulated run would compute alike (the shards, the global eval
+    blocks), computed once per process; a torchrun peer computes it once anyway."""
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED.clear()  # one run's worth at a time
+            _SHARED[key] = build()
+        return _SHARED[key]
+
+
+def _shakespeare_split(section: DataSection, tokenizer: PreTrainedTokenizerBase, shares: int, seed: int):
+    works = shakespeare_works(shakespeare_dir())
+    documents = works if section.split == "play" else [r for w in works for r in speaking_roles(w)]
+    shards = assign(documents, shares, seed)
+    splits = {d[0]: hold_out(d, section.eval_fraction) for shard in shards for d in shard}
+    global_eval = to_blocks([held for _, held in splits.values()], tokenizer, section.block_size)
+    return shards, splits, global_eval
+
+
 def load_peer_data(section: DataSection, tokenizer: PreTrainedTokenizerBase, rank: int, peers: int, seed: int) -> PeerData:
     """Build peer `rank`'s train blocks, its own held-out blocks and the global eval blocks."""
     if section.source == "shakespeare":
-        works = shakespeare_works(shakespeare_dir())
-        documents = works if section.split == "play" else [r for w in works for r in speaking_roles(w)]
         shares = section.pool or peers
         if shares < peers:
             raise DataError(f"[data] pool = {section.pool}: expected 0 or at least the {peers} peers, so every peer gets a share")
-        shards = assign(documents, shares, seed)
+        shards, splits, global_eval = _shared(("shakespeare", repr(section), id(tokenizer), shares, seed),
+                                              lambda: _shakespeare_split(section, tokenizer, shares, seed))
         mine = [d for s in range(rank, shares, peers) for d in shards[s]]
-        splits = {d[0]: hold_out(d, section.eval_fraction) for shard in shards for d in shard}
         parts = [splits[d[0]] for d in mine]
-        everyone_held_out = [held for _, held in splits.values()]
         train = _blocks_or_error([p[0] for p in parts], tokenizer, section, f"peer {rank} train split")
         own = _blocks_or_error([p[1] for p in parts], tokenizer, section, f"peer {rank} held-out split")
-        global_eval = to_blocks(everyone_held_out, tokenizer, section.block_size)
         names = ", ".join(d[0] for d in mine[:4]) + (f" (+{len(mine) - 4} more)" if len(mine) > 4 else "")
         pooled = f" (shares {rank}, {rank + peers}, ... of {shares})" if shares != peers else ""
         description = f"shakespeare by {section.split}{pooled}: {len(mine)} documents: {names}"

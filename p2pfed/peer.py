@@ -39,6 +39,7 @@ from p2pfed.privacy.distributed import NoisePlan
 from p2pfed.probe import probe_exchange
 from p2pfed.secure import FixedPoint, SecureError
 from p2pfed.secure.consentlog import ConsentLog
+from p2pfed.simulate.engine import SharedModel
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
 from p2pfed.train import BlockSampler, LocalTrainer, evaluate
 from p2pfed.transport import TorchTransport, Transport, TransportRefused, TransportTimeout
@@ -109,7 +110,7 @@ class Peer:
     stop_requested: int = 0
     """The signal that asked this peer to stop after the current round (0: none)."""
 
-    def __init__(self, config: Config, transport: Transport, device: torch.device) -> None:
+    def __init__(self, config: Config, transport: Transport, device: torch.device, shared: SharedModel | None = None) -> None:
         self.config = config
         self.transport = transport
         self.rank = transport.rank
@@ -119,8 +120,11 @@ class Peer:
         if config.run.peers != transport.world_size:
             raise ConfigError(f"[run] peers = {config.run.peers}, but {transport.world_size} processes were launched")
         seed = config.run.seed
-        base, self.tokenizer = load_base(config.model)
-        self.model = wrap_lora(base, config.lora, seed).to(device)  # same adapter on every peer
+        if shared is None:
+            base, self.tokenizer = load_base(config.model)
+            self.model = wrap_lora(base, config.lora, seed).to(device)  # same adapter on every peer
+        else:  # simulation: one base for all peers, this peer's adapter swapped in while it runs
+            self.model, self.tokenizer = shared.model, shared.tokenizer
         torch.manual_seed(seed * 100_003 + self.rank)  # per-peer randomness (dropout) from (seed, rank)
         self.data: PeerData = load_peer_data(config.data, self.tokenizer, self.rank, transport.world_size, seed)
         sampler = BlockSampler(self.data.train, config.data.batch_size, seed * 100_003 + self.rank)
@@ -483,11 +487,13 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
     return text
 
 
-def run(config: Config, transport: Transport, device: torch.device) -> dict[str, Any]:
-    """One peer's run, then the gathered summary (written by rank 0)."""
+def run(config: Config, transport: Transport, device: torch.device, shared: SharedModel | None = None) -> dict[str, Any]:
+    """One peer's run, then the gathered summary (written by rank 0). `shared`: the simulator's
+    one base model (signals are then the simulator's to handle)."""
     started = time.perf_counter()
-    peer = Peer(config, transport, device)
-    _stop_on_signals(peer)
+    peer = Peer(config, transport, device, shared)
+    if shared is None:
+        _stop_on_signals(peer)
     if peer.rank == 0:  # multi-node launches bypass `p2pfed run`: record what ran here too
         Path(config.run.out).mkdir(parents=True, exist_ok=True)
         save_config(config, Path(config.run.out) / "config.json")

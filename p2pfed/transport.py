@@ -259,6 +259,17 @@ class LocalHub:
         self.mail: dict[tuple[Rank, Rank, int], bytes] = {}
         self.pending: dict[tuple[str, int], list] = {}
         self.condition = threading.Condition()
+        self.failed: str | None = None
+        """Set when a peer thread died: the others stop waiting for it (simulation)."""
+
+    def fail(self, reason: str) -> None:
+        with self.condition:
+            self.failed = self.failed or reason
+            self.condition.notify_all()
+
+    def check(self, rank: Rank) -> None:
+        if self.failed is not None:
+            raise TransportTimeout(f"peer {rank} stops: {self.failed}")
 
     def transport(self, rank: Rank) -> "LocalTransport":
         return LocalTransport(self, rank)
@@ -288,28 +299,39 @@ class LocalTransport:
                 hub.mail[(self.rank, j, tag)] = data if isinstance(data, LyingLength) else bytes(data)
             hub.condition.notify_all()
             keys = [(j, self.rank, tag) for j in incoming_from]
-            if not hub.condition.wait_for(lambda: all(k in hub.mail for k in keys), timeout=hub.timeout_s * patience):
+            arrived = hub.condition.wait_for(lambda: hub.failed is not None or all(k in hub.mail for k in keys), timeout=hub.timeout_s * patience)
+            hub.check(self.rank)
+            if not arrived:
                 missing = [k[0] for k in keys if k not in hub.mail]
                 if not partial:
                     raise TransportTimeout(f"peer {self.rank} could not hear from peer {missing[0]} within the {hub.timeout_s:g} s timeout "
                                            f"([gossip] timeout_s); peer {missing[0]} may have stopped or be stuck")
             return {k[0]: hub.mail.pop(k) for k in keys if k in hub.mail}  # mailboxes skip safely: a late letter is never read
 
-    def _collective(self, kind: str, value):
-        """Every peer contributes one value; all get the list in rank order."""
+    def _collective(self, kind: str, value, combine=list):
+        """Every peer contributes one value; all get `combine` of the values in rank order,
+        computed once by the last to arrive; the last to read frees it."""
         hub = self.hub
         self.calls += 1
         key = (kind, self.calls)
         with hub.condition:
-            slot = hub.pending.setdefault(key, [None] * self.world_size)
-            slot[self.rank] = value
-            hub.condition.notify_all()
-            if not hub.condition.wait_for(lambda: all(v is not None for v in slot), timeout=hub.timeout_s):
+            entry = hub.pending.setdefault(key, [[None] * self.world_size, None, 0])  # values, result, readers
+            values = entry[0]
+            values[self.rank] = value
+            if all(v is not None for v in values):
+                entry[1], entry[0] = combine(values), None
+                hub.condition.notify_all()
+            arrived = hub.condition.wait_for(lambda: hub.failed is not None or entry[0] is None, timeout=hub.timeout_s)
+            hub.check(self.rank)
+            if not arrived:
                 raise TransportTimeout(f"peer {self.rank}: collective {kind} timed out")
-            return list(slot)
+            entry[2] += 1
+            if entry[2] == self.world_size:
+                del hub.pending[key]
+            return entry[1]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return torch.stack(self._collective("sum", tensor.detach().clone())).sum(dim=0)
+        return self._collective("sum", tensor.detach().clone(), lambda values: torch.stack(values).sum(dim=0)).clone()
 
     def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
         gathered = self._collective("gather", data)

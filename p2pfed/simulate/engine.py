@@ -1,0 +1,82 @@
+"""`p2pfed simulate`: all peers of a run as threads of one process, one frozen base model.
+
+Each thread runs the same `p2pfed.peer.run` a torchrun process does, with the shared model
+in place of its own copy and an in-process transport in place of torch.distributed: run
+directory, metrics, checkpoints and summary come out as a torchrun run's."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from p2pfed.config import Config
+from p2pfed.model import load_base, wrap_lora
+from p2pfed.simulate.baton import Baton
+from p2pfed.simulate.transport import SimTransport
+from p2pfed.transport import LocalHub, TransportTimeout
+
+WAIT_S = 7 * 24 * 3600.0
+"""A simulated peer waits for its neighbours' turns on the model, however many there are:
+no timeout but a peer's death (which the hub announces to the others)."""
+
+
+@dataclass
+class SharedModel:
+    """The one base model with its LoRA wrapper that every simulated peer computes on."""
+
+    model: Any
+    tokenizer: Any
+    baton: Baton
+
+
+@dataclass
+class Simulation:
+    rows: list[dict[str, Any] | None]
+    wall_s: float
+    swaps: int
+    per_peer_bytes: int
+    errors: dict[int, BaseException] = field(default_factory=dict)
+
+
+def shared_model(config: Config, device: torch.device) -> SharedModel:
+    base, tokenizer = load_base(config.model)
+    model = wrap_lora(base, config.lora, config.run.seed).to(device)
+    return SharedModel(model, tokenizer, Baton([p for p in model.parameters() if p.requires_grad]))
+
+
+def simulate(config: Config, device: torch.device | None = None) -> Simulation:
+    """Run every peer of `config` to the end; the first peer error (not a neighbour's
+    consequent stop) is re-raised."""
+    from p2pfed.peer import run
+
+    device = device or torch.device("cpu")
+    shared = shared_model(config, device)
+    hub = LocalHub(config.run.peers, timeout_s=WAIT_S)
+    rows: list[dict[str, Any] | None] = [None] * config.run.peers
+    errors: dict[int, BaseException] = {}
+    started = time.perf_counter()
+
+    def peer(rank: int) -> None:
+        shared.baton.acquire(rank)
+        try:
+            rows[rank] = run(config, SimTransport(hub.transport(rank), shared.baton), device, shared)
+        except BaseException as err:  # noqa: BLE001 (a dead thread must not leave the others waiting)
+            errors[rank] = err
+            hub.fail(f"peer {rank} failed ({type(err).__name__}: {err})")
+        finally:
+            shared.baton.release()
+
+    threads = [threading.Thread(target=peer, args=(rank,), name=f"p2pfed-peer{rank}", daemon=True) for rank in range(config.run.peers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        first = next((e for e in errors.values() if not isinstance(e, TransportTimeout) or "stops: peer" not in str(e)),
+                     next(iter(errors.values())))
+        raise first
+    return Simulation(rows, time.perf_counter() - started, shared.baton.swaps, shared.baton.per_peer_bytes(), errors)
