@@ -97,6 +97,9 @@ def start_run(args: argparse.Namespace) -> tuple[Config, Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"run.peers={args.peers}"] if args.peers else [])
+    if load_config(args.config, overrides).network.emulated:
+        raise ConfigError("[network]: an emulated network is for `p2pfed simulate`; a torchrun run has the real one (remove [network])")
     config, resolved = start_run(args)
     out = Path(config.run.out)
     threads = config.run.threads or max(1, (os.cpu_count() or 1) // config.run.peers)

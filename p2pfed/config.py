@@ -382,6 +382,38 @@ class PrivacySection:
 
 
 @dataclass(kw_only=True)
+class NetworkSection:
+    """The network `p2pfed simulate` emulates (a simulated clock beside the measured one);
+    a torchrun run has a real network and refuses these settings."""
+
+    latency_ms: float = 0.0
+    """One-way delay of every message."""
+    bandwidth_mbit: float = 0.0
+    """Each peer's uplink in Mbit/s (its messages leave one after another); 0 = unlimited."""
+    loss: float = 0.0
+    """Probability that a message is lost and sent again after `retransmit_ms` (each try alike)."""
+    retransmit_ms: float = 200.0
+    slow_peers: list[int] = field(default_factory=list)
+    """Stragglers: these peers' compute takes `slowdown` times as long."""
+    slowdown: float = 1.0
+
+    def check(self) -> None:
+        for name in ("latency_ms", "bandwidth_mbit", "retransmit_ms"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"[network] {name}: expected a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.loss < 1:
+            raise ConfigError(f"[network] loss: expected a probability in [0, 1), got {self.loss}")
+        if not 1 <= self.slowdown < math.inf:
+            raise ConfigError(f"[network] slowdown: expected a factor >= 1, got {self.slowdown}")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in self.slow_peers):
+            raise ConfigError(f"[network] slow_peers: expected a list of peer ranks, got {self.slow_peers!r}")
+
+    @property
+    def emulated(self) -> bool:
+        return self != NetworkSection()
+
+
+@dataclass(kw_only=True)
 class BenchSection:
     """Measurements the benchmark suite asks a run to take on top of its rounds."""
 
@@ -411,6 +443,7 @@ class Config:
     faults: FaultSection = field(default_factory=FaultSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     outer: OuterSection = field(default_factory=OuterSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
     bench: BenchSection = field(default_factory=BenchSection)
 
     def check(self) -> None:
@@ -420,6 +453,8 @@ class Config:
             raise ConfigError("[consensus] target: consensus control exchanges again the very adapters whose network mean monitoring "
                               "just gave every peer, and that mean less a neighbourhood's sum is the rest of the network (one peer's "
                               "adapter on a ring of 4); set target = 0 in secure mode")
+        if any(r >= self.run.peers for r in self.network.slow_peers):
+            raise ConfigError(f"[network] slow_peers: {self.network.slow_peers} names a rank outside the {self.run.peers} peers (0..{self.run.peers - 1})")
         if self.privacy.enabled and self.gossip.mode == "local":
             raise ConfigError("[privacy] enabled: gossip.mode = local shares nothing, so there is nothing to make private; "
                               "use gossip or allreduce")

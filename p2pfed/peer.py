@@ -216,6 +216,7 @@ class Peer:
             self.say(f"round {0:>3}/{cfg.run.rounds} | global ppl {first['global_ppl'] or float('nan'):.2f} | own ppl {first['own_ppl']:.2f}")
         if cfg.privacy.enabled:
             self.open_privacy(resume)
+        _emulated(self.transport)  # the emulated clock's rounds start here
         for round in range(resume + 1, self.last_round + 1):
             record = self.one_round(round, writer, restart, resumed_from=resume if round == resume + 1 and resume else None)
             history.append(record)
@@ -259,6 +260,8 @@ class Peer:
             "inconsistent": total("inconsistent"),
             "repeats": total("repeats"),
             "clipped": total("clipped"),
+            **({"sim_round_s": total("sim_round_s") / n, "sim_compute_s": total("sim_compute_s") / n,
+                "sim_comm_s": total("sim_comm_s") / n} if "sim_round_s" in last else {}),
         }
 
     def noise_plan(self) -> NoisePlan | None:
@@ -360,6 +363,7 @@ class Peer:
             record.update(self.evaluate())
             record["eval_s"] = time.perf_counter() - start
         record["round_s"] = time.perf_counter() - started
+        record.update(_emulated(self.transport))
         writer.write(record)
         shown = f" | global ppl {record['global_ppl']:.2f}" if record.get("global_ppl") else ""
         agreement = f" | consensus {consensus:.2e}" if consensus is not None else ""
@@ -384,6 +388,27 @@ class Peer:
         cut = inputs["input_ids"].shape[1]
         decode = lambda ids: self.tokenizer.decode(ids[0, cut:], skip_special_tokens=True)  # noqa: E731
         return {"prompt": self.config.run.prompt, "base": decode(base), "fine_tuned": decode(tuned)}
+
+
+def _emulated_info(config: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Simulation: the emulated network and its mean seconds per round over peers."""
+    if not rows or rows[0].get("sim_round_s") is None:
+        return None
+    return {**dataclasses.asdict(config.network), "round_s": mean_of(rows, "sim_round_s"),
+            "compute_s": mean_of(rows, "sim_compute_s"), "comm_s": mean_of(rows, "sim_comm_s")}
+
+
+def _emulated_line(emulated: dict[str, Any]) -> str:
+    bandwidth = f"{emulated['bandwidth_mbit']:g} Mbit/s uplinks" if emulated["bandwidth_mbit"] else "unlimited bandwidth"
+    return (f"Emulated network ({emulated['latency_ms']:g} ms latency, {bandwidth}, loss {emulated['loss']:g}): "
+            f"{emulated['round_s']:.3f} simulated s per round, {emulated['compute_s']:.3f} compute and {emulated['comm_s']:.3f} "
+            "waiting on the network (means over peers).")
+
+
+def _emulated(transport: Transport) -> dict[str, float]:
+    """The simulator's emulated-network seconds for the round just ended (nothing under torchrun)."""
+    emulated = getattr(transport, "emulated", None)
+    return emulated() if emulated is not None else {}
 
 
 def _ratio(uncompressed: int, sent: int) -> float | None:
@@ -454,6 +479,7 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
         "bytes_total": sum(r["bytes_total"] for r in rows), "bytes_per_peer_per_round": mean_of(rows, "bytes_per_round"),
         "compression": mean_of(rows, "compression"),
         "wall_s": wall_s, "peers_table": rows, "samples": samples, "privacy": _privacy_info(config, rows),
+        "emulated": _emulated_info(config, rows),
     }
     paths.summary_json.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     gap = f", spectral gap {info['spectral_gap']:.3f}" if topology else ""
@@ -469,6 +495,7 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
         "",
         _bytes_line(config, info),
         "",
+        *([_emulated_line(info["emulated"]), ""] if info["emulated"] else []),
         *([_privacy_line(config, info["privacy"]), ""] if info["privacy"] else []),
         f"Prompt: {samples['prompt']!r}",
         "",

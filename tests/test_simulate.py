@@ -51,3 +51,61 @@ def test_a_simulated_run_equals_a_torchrun_run(tmp_path, overrides):
     sim_summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
     for key in ("global_ppl_before", "global_ppl_after", "bytes_total", "compression"):
         assert sim_summary[key] == real_summary[key], key
+
+
+def simulated_rows(tmp_path, *overrides):
+    out = tmp_path / "sim"
+    result = run_cli("simulate", str(TINY), f"run.out={out}", "run.rounds=3", "run.eval_every=3", "consensus.every=0", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, {rank: read_jsonl(out / "metrics" / f"peer{rank}.jsonl")[1:] for rank in range(PEERS)}
+
+
+def test_the_emulated_clock_charges_latency_and_each_uplinks_bytes(tmp_path):
+    """Ring of 4: each round a peer sends two messages of b bytes one after the other on a
+    50 kbit/s uplink and receives two that left its neighbours the same way: the exchange
+    takes 2 b * 8 / 5e4 + 20 s of latency, give or take how far apart the peers' compute
+    put their clocks (at most a few of the longest compute steps)."""
+    out, rows = simulated_rows(tmp_path, "network.latency_ms=20000", "network.bandwidth_mbit=0.05")
+    skew = 3 * max(line["sim_compute_s"] for lines in rows.values() for line in lines)
+    for rank, lines in rows.items():
+        for line in lines:
+            expected = line["bytes_sent"] * 8 / 5e4 + 20.0
+            assert abs(line["sim_comm_s"] - expected) <= skew, (rank, line["round"], line["sim_comm_s"], expected, skew)
+            assert line["sim_round_s"] == pytest.approx(line["sim_compute_s"] + line["sim_comm_s"])
+    assert skew < line["bytes_sent"] * 8 / 5e4  # the bound is tight enough to see the bandwidth term
+    assert "Emulated network (20000 ms latency, 0.05 Mbit/s uplinks" in (out / "summary.md").read_text()
+
+
+def test_a_straggler_sets_its_neighbours_pace_in_lockstep_gossip(tmp_path):
+    """Peer 3 computes 30x slower, with no latency or bandwidth to add: its neighbours 0 and 2
+    end each round's exchange when its message arrives, so their emulated clocks end rounds
+    1 and 2 (no evaluation in them) where the straggler's does, up to their own compute;
+    peer 1, two hops away, hears of it a round later. Their rounds are mostly waiting."""
+    _, rows = simulated_rows(tmp_path, "network.slow_peers=[3]", "network.slowdown=30")
+    fast = 2 * max(line["sim_compute_s"] for rank in (0, 1, 2) for line in rows[rank])
+    clock = {rank: [line["sim_clock_s"] for line in lines] for rank, lines in rows.items()}
+    for rank in (0, 2):
+        for t in (0, 1):
+            assert clock[rank][t] == pytest.approx(clock[3][t], abs=fast), (rank, t)
+    assert clock[1][1] >= clock[3][0]
+    for rank in (0, 1, 2):
+        lines = rows[rank]
+        assert sum(line["sim_comm_s"] for line in lines) > 0.9 * sum(line["sim_round_s"] for line in lines)
+        assert sum(line["sim_compute_s"] for line in rows[3]) > 5 * sum(line["sim_compute_s"] for line in lines)
+
+
+def test_message_loss_costs_a_retransmission_per_loss_at_the_geometric_rate():
+    from p2pfed.config import NetworkSection
+    from p2pfed.simulate.network import Network
+
+    network = Network(NetworkSection(loss=0.25), seed=7)
+    tries = [network.lost_tries(0, 1, tag, sent) for tag in range(200) for sent in range(50)]
+    mean, expected = sum(tries) / len(tries), 0.25 / 0.75  # failures before a success: p / (1 - p)
+    variance = 0.25 / 0.75**2
+    assert abs(mean - expected) <= 5 * (variance / len(tries)) ** 0.5
+    assert tries == [network.lost_tries(0, 1, tag, sent) for tag in range(200) for sent in range(50)]  # a fixed draw per message
+
+
+def test_an_emulated_network_is_refused_by_a_torchrun_run(tmp_path):
+    result = run_cli("run", str(TINY), f"run.out={tmp_path / 'x'}", "network.latency_ms=5")
+    assert result.returncode == 1 and "[network]: an emulated network is for `p2pfed simulate`" in result.stderr

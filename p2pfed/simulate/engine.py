@@ -16,6 +16,7 @@ import torch
 from p2pfed.config import Config
 from p2pfed.model import load_base, wrap_lora
 from p2pfed.simulate.baton import Baton
+from p2pfed.simulate.network import Network
 from p2pfed.simulate.transport import SimTransport
 from p2pfed.transport import LocalHub, TransportTimeout
 
@@ -56,6 +57,7 @@ def simulate(config: Config, device: torch.device | None = None) -> Simulation:
     device = device or torch.device("cpu")
     shared = shared_model(config, device)
     hub = LocalHub(config.run.peers, timeout_s=WAIT_S)
+    network = Network(config.network, config.run.seed)
     rows: list[dict[str, Any] | None] = [None] * config.run.peers
     errors: dict[int, BaseException] = {}
     started = time.perf_counter()
@@ -63,7 +65,7 @@ def simulate(config: Config, device: torch.device | None = None) -> Simulation:
     def peer(rank: int) -> None:
         shared.baton.acquire(rank)
         try:
-            rows[rank] = run(config, SimTransport(hub.transport(rank), shared.baton), device, shared)
+            rows[rank] = run(config, SimTransport(hub.transport(rank), shared.baton, network), device, shared)
         except BaseException as err:  # noqa: BLE001 (a dead thread must not leave the others waiting)
             errors[rank] = err
             hub.fail(f"peer {rank} failed ({type(err).__name__}: {err})")
