@@ -82,10 +82,11 @@ def key_paths(config: Config) -> tuple[Path, str]:
     return Path(config.run.out) / "keys" / "roster.json", str(Path(config.run.out) / "keys" / "peer{rank}.pem")
 
 
-def load_keys(config: Config, rank: int, world_size: int) -> tuple[Identity, Roster]:
-    """This peer's keys and the roster; stops before training if they do not fit."""
+def load_keys(config: Config, rank: int, world_size: int, roster: Roster | None = None) -> tuple[Identity, Roster]:
+    """This peer's keys and the roster (read here unless the simulator read it for all); stops
+    before training if they do not fit."""
     roster_path, key_template = key_paths(config)
-    roster = Roster.load(roster_path)
+    roster = Roster.load(roster_path) if roster is None else roster
     if len(roster) != world_size:
         raise IdentityError(f"{roster_path}: the roster lists {len(roster)} peers but {world_size} were launched")
     return load_identity(key_template.format(rank=rank), rank, roster), roster
@@ -132,8 +133,8 @@ class Peer:
         self.topology: Topology | None = None
         identity, roster, self.faults = None, None, None
         if config.gossip.mode == "gossip":
-            self.topology = load_topology(config.gossip.topology, transport.world_size)
-            identity, roster = load_keys(config, self.rank, transport.world_size)
+            self.topology = shared.topology if shared is not None else load_topology(config.gossip.topology, transport.world_size)
+            identity, roster = load_keys(config, self.rank, transport.world_size, shared.roster if shared is not None else None)
             if self.rank in config.faults.peers:
                 self.faults = FaultInjector(config.faults, identity, transport.world_size, seed + self.rank)
                 log.warning("peer %d: fault injection on (%s from round %d)", self.rank, config.faults.kind, config.faults.from_round)
@@ -495,7 +496,7 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
         "",
         _bytes_line(config, info),
         "",
-        *([_emulated_line(info["emulated"]), ""] if info["emulated"] else []),
+        *([_emulated_line(info["emulated"]), ""] if info["emulated"] and config.network.emulated else []),
         *([_privacy_line(config, info["privacy"]), ""] if info["privacy"] else []),
         f"Prompt: {samples['prompt']!r}",
         "",

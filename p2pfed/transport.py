@@ -258,14 +258,20 @@ class LocalHub:
         self.timeout_s = timeout_s
         self.mail: dict[tuple[Rank, Rank, int], bytes] = {}
         self.pending: dict[tuple[str, int], list] = {}
-        self.condition = threading.Condition()
+        self.lock = threading.Lock()
+        self.condition = threading.Condition(self.lock)
+        """Collectives wait here."""
+        self.inboxes = [threading.Condition(self.lock) for _ in range(world_size)]
+        """Each receiver waits on its own: a letter wakes its addressee, not every thread."""
         self.failed: str | None = None
         """Set when a peer thread died: the others stop waiting for it (simulation)."""
 
     def fail(self, reason: str) -> None:
-        with self.condition:
+        with self.lock:
             self.failed = self.failed or reason
             self.condition.notify_all()
+            for inbox in self.inboxes:
+                inbox.notify_all()
 
     def check(self, rank: Rank) -> None:
         if self.failed is not None:
@@ -294,12 +300,12 @@ class LocalTransport:
     def _exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool,
                   patience: int) -> dict[Rank, bytes]:
         hub = self.hub
-        with hub.condition:
+        with hub.lock:
             for j, data in outgoing.items():
                 hub.mail[(self.rank, j, tag)] = data if isinstance(data, LyingLength) else bytes(data)
-            hub.condition.notify_all()
+                hub.inboxes[j].notify_all()
             keys = [(j, self.rank, tag) for j in incoming_from]
-            arrived = hub.condition.wait_for(lambda: hub.failed is not None or all(k in hub.mail for k in keys), timeout=hub.timeout_s * patience)
+            arrived = hub.inboxes[self.rank].wait_for(lambda: hub.failed is not None or all(k in hub.mail for k in keys), timeout=hub.timeout_s * patience)
             hub.check(self.rank)
             if not arrived:
                 missing = [k[0] for k in keys if k not in hub.mail]

@@ -16,6 +16,7 @@ import torch
 from p2pfed.config import Config
 from p2pfed.model import load_base, wrap_lora
 from p2pfed.simulate.baton import Baton
+from p2pfed.topology import load_topology
 from p2pfed.simulate.network import Network
 from p2pfed.simulate.transport import SimTransport
 from p2pfed.transport import LocalHub, TransportTimeout
@@ -27,11 +28,14 @@ no timeout but a peer's death (which the hub announces to the others)."""
 
 @dataclass
 class SharedModel:
-    """The one base model with its LoRA wrapper that every simulated peer computes on."""
+    """The one base model with its LoRA wrapper that every simulated peer computes on, and
+    what every peer would read alike from disk (topology, roster): read once, not N times."""
 
     model: Any
     tokenizer: Any
     baton: Baton
+    topology: Any = None
+    roster: Any = None
 
 
 @dataclass
@@ -44,9 +48,16 @@ class Simulation:
 
 
 def shared_model(config: Config, device: torch.device) -> SharedModel:
+    from p2pfed.identity import Roster
+    from p2pfed.peer import key_paths
+
     base, tokenizer = load_base(config.model)
     model = wrap_lora(base, config.lora, config.run.seed).to(device)
-    return SharedModel(model, tokenizer, Baton([p for p in model.parameters() if p.requires_grad]))
+    topology = roster = None
+    if config.gossip.mode == "gossip":
+        topology = load_topology(config.gossip.topology, config.run.peers)
+        roster = Roster.load(key_paths(config)[0])
+    return SharedModel(model, tokenizer, Baton([p for p in model.parameters() if p.requires_grad]), topology, roster)
 
 
 def simulate(config: Config, device: torch.device | None = None) -> Simulation:
