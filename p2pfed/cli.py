@@ -97,10 +97,9 @@ def start_run(args: argparse.Namespace) -> tuple[Config, Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f"run.peers={args.peers}"] if args.peers else [])
-    if load_config(args.config, overrides).network.emulated:
-        raise ConfigError("[network]: an emulated network is for `p2pfed simulate`; a torchrun run has the real one (remove [network])")
     config, resolved = start_run(args)
+    if config.run.engine == "simulate":
+        return simulate_run(config, resolved)
     out = Path(config.run.out)
     threads = config.run.threads or max(1, (os.cpu_count() or 1) // config.run.peers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -114,6 +113,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    args.overrides = [*args.overrides, "run.engine=simulate"]
+    config, resolved = start_run(args)
+    return simulate_run(config, resolved)
+
+
+def simulate_run(config: Config, resolved: Path) -> int:
+    """Every peer in this process (run.engine = 'simulate'); the run directory is ready."""
     import torch
 
     from p2pfed.checkpoint import CheckpointError
@@ -122,9 +128,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from p2pfed.simulate import simulate
     from p2pfed.transport import TransportRefused, TransportTimeout
 
-    config, resolved = start_run(args)
-    if config.bench.probes:
-        raise ConfigError("[bench] probes: bare send/recv probes time a real network; set probes = 0 to simulate")
     torch.set_num_threads(config.run.threads or os.cpu_count() or 1)
     print(f"[p2pfed] simulating {config.run.peers} peers in one process on one base model; resolved config in {resolved}", flush=True)
     try:

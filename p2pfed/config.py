@@ -48,10 +48,14 @@ class RunSection:
     prompt: str = "ROMEO.\n"
     """Prompt for the before/after samples printed at the end of a run."""
     sample_tokens: int = 40
+    engine: str = "torchrun"
+    """'torchrun': a process per peer; 'simulate': every peer a thread of one process on one
+    shared base model (`p2pfed simulate` sets it; p2pfed.simulate)."""
 
     def check(self) -> None:
         _positive(self, "peers", "rounds", "local_steps", "eval_every", "checkpoint_every")
         _at_least(self, 0, "threads", "sample_tokens", "max_restarts")
+        _one_of(self, "engine", ("torchrun", "simulate"))
 
 
 @dataclass(kw_only=True)
@@ -453,6 +457,14 @@ class Config:
             raise ConfigError("[consensus] target: consensus control exchanges again the very adapters whose network mean monitoring "
                               "just gave every peer, and that mean less a neighbourhood's sum is the rest of the network (one peer's "
                               "adapter on a ring of 4); set target = 0 in secure mode")
+        if self.network.emulated and self.run.engine != "simulate":
+            raise ConfigError("[network]: an emulated network is for `p2pfed simulate` (run.engine = 'simulate'); a torchrun run "
+                              "has the real one (remove [network])")
+        if self.run.engine == "simulate" and self.bench.probes:
+            raise ConfigError("[bench] probes: bare send/recv probes time a real network; set probes = 0 to simulate")
+        if self.run.engine == "simulate" and self.faults.peers and self.faults.kind == "crash":
+            raise ConfigError("[faults] kind = 'crash' kills its process, which in simulation holds every peer; "
+                              "use network.slow_peers for a straggler, or run it under torchrun")
         if any(r >= self.run.peers for r in self.network.slow_peers):
             raise ConfigError(f"[network] slow_peers: {self.network.slow_peers} names a rank outside the {self.run.peers} peers (0..{self.run.peers - 1})")
         if self.privacy.enabled and self.gossip.mode == "local":

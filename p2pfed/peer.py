@@ -598,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         config = load_config(argv[0], argv[1:])
+        if config.run.engine == "simulate":
+            raise ConfigError("[run] engine = 'simulate' runs every peer in one process: start it with `p2pfed run` or "
+                              "`p2pfed simulate`, not under torchrun")
         local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(config.run.threads or max(1, (os.cpu_count() or 1) // local_peers))
         device = choose_device(config.model)

@@ -106,6 +106,24 @@ def test_message_loss_costs_a_retransmission_per_loss_at_the_geometric_rate():
     assert tries == [network.lost_tries(0, 1, tag, sent) for tag in range(200) for sent in range(50)]  # a fixed draw per message
 
 
-def test_an_emulated_network_is_refused_by_a_torchrun_run(tmp_path):
-    result = run_cli("run", str(TINY), f"run.out={tmp_path / 'x'}", "network.latency_ms=5")
-    assert result.returncode == 1 and "[network]: an emulated network is for `p2pfed simulate`" in result.stderr
+@pytest.mark.parametrize("overrides,message", [
+    (["network.latency_ms=5"], r"\[network\]: an emulated network is for `p2pfed simulate`"),
+    (["run.engine=simulate", "network.loss=1"], r"\[network\] loss: expected a probability in \[0, 1\)"),
+    (["run.engine=simulate", "network.slowdown=0.5"], r"\[network\] slowdown: expected a factor >= 1"),
+    (["run.engine=simulate", "network.slow_peers=[7]"], r"\[network\] slow_peers: \[7\] names a rank outside the 4 peers"),
+    (["run.engine=simulate", "bench.probes=3"], r"\[bench\] probes: bare send/recv probes time a real network"),
+    (["run.engine=simulate", "faults.peers=[1]", "faults.kind=crash"], r"\[faults\] kind = 'crash' kills its process"),
+    (["run.engine=mpi"], r"\[run\] engine: expected one of torchrun, simulate"),
+])
+def test_simulation_settings_that_cannot_hold_are_one_sentence(overrides, message):
+    from p2pfed.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_run_engine_simulate_makes_p2pfed_run_simulate(tmp_path):
+    result = run_cli("run", str(TINY), f"run.out={tmp_path / 'r'}", "run.rounds=1", "run.engine=simulate", "network.latency_ms=50")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "simulated 4 peers in" in result.stdout and "Emulated network (50 ms latency" in result.stdout
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["run"]["engine"] == "simulate"
