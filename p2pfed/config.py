@@ -375,8 +375,8 @@ class PrivacySection:
         _one_of(self, "noise", ("local", "distributed"))
         if not 0 < self.clip < math.inf:
             raise ConfigError(f"[privacy] clip: expected a positive, finite L2 norm, got {self.clip}")
-        if not 0 <= self.noise_multiplier < math.inf:
-            raise ConfigError(f"[privacy] noise_multiplier: expected a number >= 0, got {self.noise_multiplier}")
+        if not (self.noise_multiplier == 0 or 1e-6 <= self.noise_multiplier <= 1e6):
+            raise ConfigError(f"[privacy] noise_multiplier: expected 0 (no noise) or a number in [1e-6, 1e6], got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"[privacy] delta: expected a number in (0, 1), got {self.delta}")
         if not self.epsilon >= 0:
@@ -402,12 +402,14 @@ class NetworkSection:
     slowdown: float = 1.0
 
     def check(self) -> None:
-        for name in ("latency_ms", "bandwidth_mbit", "retransmit_ms"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ConfigError(f"[network] {name}: expected a finite number >= 0, got {getattr(self, name)}")
+        for name in ("latency_ms", "retransmit_ms"):
+            if not 0 <= getattr(self, name) <= 1e7:
+                raise ConfigError(f"[network] {name}: expected milliseconds in [0, 1e7], got {getattr(self, name)}")
+        if not (self.bandwidth_mbit == 0 or 1e-3 <= self.bandwidth_mbit <= 1e9):
+            raise ConfigError(f"[network] bandwidth_mbit: expected 0 (unlimited) or Mbit/s in [1e-3, 1e9], got {self.bandwidth_mbit}")
         if not 0 <= self.loss < 1:
             raise ConfigError(f"[network] loss: expected a probability in [0, 1), got {self.loss}")
-        if not 1 <= self.slowdown < math.inf:
+        if not 1 <= self.slowdown <= 1e6:
             raise ConfigError(f"[network] slowdown: expected a factor >= 1, got {self.slowdown}")
         if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in self.slow_peers):
             raise ConfigError(f"[network] slow_peers: expected a list of peer ranks, got {self.slow_peers!r}")

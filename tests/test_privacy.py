@@ -204,6 +204,8 @@ def test_a_planted_release_log_is_one_sentence(tmp_path):
     (["privacy.noise_multiplier=inf"], r"\[privacy\] noise_multiplier"),
     (["privacy.delta=1"], r"\[privacy\] delta: expected a number in \(0, 1\)"),
     (["privacy.noise_multiplier=-1"], r"\[privacy\] noise_multiplier"),
+    (["privacy.noise_multiplier=1e-200"], r"\[privacy\] noise_multiplier: expected 0 \(no noise\) or a number in \[1e-6, 1e6\]"),
+    (["privacy.noise_multiplier=1e308"], r"\[privacy\] noise_multiplier: expected 0 \(no noise\) or a number in \[1e-6, 1e6\]"),
     (["privacy.enabled=true", "privacy.noise_multiplier=0", "privacy.epsilon=3"], "a budget needs noise"),
     (["privacy.enabled=true", "gossip.mode=local"], "shares nothing"),
 ])

@@ -110,6 +110,8 @@ def test_message_loss_costs_a_retransmission_per_loss_at_the_geometric_rate():
     (["network.latency_ms=5"], r"\[network\]: an emulated network is for `p2pfed simulate`"),
     (["run.engine=simulate", "network.loss=1"], r"\[network\] loss: expected a probability in \[0, 1\)"),
     (["run.engine=simulate", "network.slowdown=0.5"], r"\[network\] slowdown: expected a factor >= 1"),
+    (["run.engine=simulate", "network.bandwidth_mbit=5e-324"], r"\[network\] bandwidth_mbit: expected 0 \(unlimited\) or Mbit/s"),
+    (["run.engine=simulate", "network.latency_ms=inf"], r"\[network\] latency_ms: expected milliseconds in \[0, 1e7\]"),
     (["run.engine=simulate", "network.slow_peers=[7]"], r"\[network\] slow_peers: \[7\] names a rank outside the 4 peers"),
     (["run.engine=simulate", "bench.probes=3"], r"\[bench\] probes: bare send/recv probes time a real network"),
     (["run.engine=simulate", "faults.peers=[1]", "faults.kind=crash"], r"\[faults\] kind = 'crash' kills its process"),

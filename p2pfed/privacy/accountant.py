@@ -36,7 +36,10 @@ def _event(sigmas: Sequence[float]) -> Any:
 
 def gaussian_mu(sigmas: Sequence[float]) -> float:
     """Composed Gaussian mechanisms are mu-GDP with mu = sqrt(sum 1 / sigma_i^2) (Dong et al. 2019)."""
-    return math.sqrt(sum(1.0 / s**2 for s in sigmas)) if all(s > 0 for s in sigmas) else math.inf
+    try:
+        return math.sqrt(sum(1.0 / s**2 for s in sigmas)) if all(s > 0 for s in sigmas) else math.inf
+    except (OverflowError, ZeroDivisionError):  # a multiplier so small its square underflows: no privacy to speak of
+        return math.inf
 
 
 def epsilon_rdp(sigmas: Sequence[float], delta: float) -> float:

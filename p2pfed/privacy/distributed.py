@@ -13,10 +13,11 @@ Gaussian mechanism in j's update, whose strength against an adversary who sees a
 them (but no one's noise) is mu_j^2 = a_j^T Sigma^+ a_j, a_j j's column of the release map,
 Sigma the releases' noise covariance; the ledger logs the noise multiplier 1 / mu_j. The
 present sets P_r are the most revealing combination the secure layer may open (every
-combination of sets of at least m_r senders is tried). If every other party colludes (or
+combination of sets of at least m_r senders is tried, j's receivers' with or without j:
+its message may be refused there). If every other party colludes (or
 skips its share), j's guarantee is its share alone: noise multiplier sigma / sqrt(m_j)
 (`collusion_multiplier`), an upper bound on mu_j^2 whatever is released, used where there
-are more than MAX_PATTERNS combinations to try.
+are too many combinations to try (MAX_WORK).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import numpy as np
 
 from p2pfed.topology import Topology
 
-MAX_PATTERNS = 4096
-"""Present-set combinations tried per peer and round; beyond, the collusion bound."""
+MAX_WORK = 4096 * 16**3
+"""Present-set combinations times (2n)^3 (one pseudo-inverse each) tried per peer and round:
+4096 combinations at 8 peers; beyond, the collusion bound."""
 
 
 def fewest_present(topology: Topology, epoch: int, floor: int, recovering: Callable[[int], bool]) -> list[int]:
@@ -63,30 +65,36 @@ def _mu_squared(weights: np.ndarray, present: Sequence[Sequence[int]], share: np
     return float(signal @ np.linalg.pinv(covariance, hermitian=True) @ signal)
 
 
-def _present_choices(topology: Topology, epoch: int, fewest: Sequence[int], j: int) -> list[list[tuple[int, ...]]]:
-    """Per receiver, every present set its sum may open with (j's receivers: those with j in them)."""
+def _present_choices(topology: Topology, epoch: int, fewest: Sequence[int]) -> list[list[tuple[int, ...]]]:
+    """Per receiver, every present set its sum may open with. j's receivers too may open
+    without j: its message can be refused there (a flipped byte on the wire) while the sum of
+    the rest still opens, and two sums over the same other senders, one with j and one
+    without, leave j's share alone."""
     choices: list[list[tuple[int, ...]]] = []
     for r in range(topology.n):
         senders = tuple(topology.in_neighbours(r, epoch))
-        sets = [subset for size in range(min(fewest[r], len(senders)), len(senders) + 1) for subset in itertools.combinations(senders, size)]
-        choices.append([subset for subset in sets if j in subset] if j in senders else sets)
+        choices.append([subset for size in range(min(fewest[r], len(senders)), len(senders) + 1)
+                        for subset in itertools.combinations(senders, size)])
     return choices
 
 
-def release_multipliers(topology: Topology, epoch: int, noise_multiplier: float, fewest: Sequence[int]) -> list[float]:
-    """Per peer, the noise multiplier of its round as one Gaussian mechanism (1 / mu_j, scaled
-    by the configured one), at the most revealing present sets its receivers may open."""
-    weights = np.asarray(topology.weights(epoch), dtype=np.float64)
+def release_multiplier(topology: Topology, epoch: int, noise_multiplier: float, fewest: Sequence[int], j: int) -> float:
+    """Peer j's noise multiplier for the round as one Gaussian mechanism (1 / mu_j, scaled by
+    the configured one), at the most revealing present sets the secure layer may open; never
+    above what its share alone gives (the bound that holds whatever is released)."""
     share = share_fractions(topology, epoch, fewest)
-    multipliers = []
-    for j in range(topology.n):
-        choices = _present_choices(topology, epoch, fewest, j)
-        if math.prod(len(c) for c in choices) > MAX_PATTERNS:  # too many to try: the bound that holds for all of them
-            multipliers.append(collusion_multiplier(noise_multiplier, float(share[j])))
-            continue
-        worst = max(_mu_squared(weights, present, share, j) for present in itertools.product(*choices))
-        multipliers.append(noise_multiplier / math.sqrt(worst) if worst > 0 else math.inf)
-    return multipliers
+    bound = collusion_multiplier(noise_multiplier, float(share[j]))
+    choices = _present_choices(topology, epoch, fewest)
+    if math.prod(len(c) for c in choices) * (2 * topology.n) ** 3 > MAX_WORK:  # too many to try: the bound
+        return bound
+    weights = np.asarray(topology.weights(epoch), dtype=np.float64)
+    worst = max(_mu_squared(weights, present, share, j) for present in itertools.product(*choices))
+    return max(bound, noise_multiplier / math.sqrt(worst)) if worst > 0 else math.inf
+
+
+def release_multipliers(topology: Topology, epoch: int, noise_multiplier: float, fewest: Sequence[int]) -> list[float]:
+    """`release_multiplier` for every peer."""
+    return [release_multiplier(topology, epoch, noise_multiplier, fewest, j) for j in range(topology.n)]
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ class NoisePlan:
             fewest = fewest_present(topology, epoch, floor, lambda r: recovering(r, epoch))  # noqa: B023 (used at once)
             share = float(share_fractions(topology, epoch, fewest)[rank])
             shares.append(share)
-            multipliers.append(release_multipliers(topology, epoch, noise_multiplier, fewest)[rank])
+            multipliers.append(release_multiplier(topology, epoch, noise_multiplier, fewest, rank))
             collusion.append(collusion_multiplier(noise_multiplier, share))
         return cls(tuple(shares), tuple(multipliers), tuple(collusion))
 
