@@ -239,21 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pfed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="launch N peers on this machine with torchrun")
-    run.add_argument("config")
-    run.add_argument("overrides", nargs="*", help="section.key=value, e.g. gossip.mode=allreduce")
-    run.add_argument("--peers", type=int, help="number of peers (overrides run.peers)")
-    run.add_argument("--overwrite", action="store_true", help="replace results already in run.out")
-    run.add_argument("--resume", action="store_true", help="continue the run in run.out from its newest common checkpoint")
-    run.set_defaults(func=cmd_run)
-
-    sim = sub.add_parser("simulate", help="all N peers in this process on one shared base model (same code path, in-process network)")
-    sim.add_argument("config")
-    sim.add_argument("overrides", nargs="*", help="section.key=value, e.g. gossip.topology=topologies/torus.toml")
-    sim.add_argument("--peers", type=int, help="number of peers (overrides run.peers)")
-    sim.add_argument("--overwrite", action="store_true", help="replace results already in run.out")
-    sim.add_argument("--resume", action="store_true", help="continue the run in run.out from its newest common checkpoint")
-    sim.set_defaults(func=cmd_simulate)
+    for name, func, help_text in (("run", cmd_run, "launch N peers on this machine with torchrun"),
+                                  ("simulate", cmd_simulate, "all N peers in this process on one shared base model (same code path, "
+                                                             "in-process network)")):
+        launch = sub.add_parser(name, help=help_text)
+        launch.add_argument("config")
+        launch.add_argument("overrides", nargs="*", help="section.key=value, e.g. gossip.mode=allreduce")
+        launch.add_argument("--peers", type=int, help="number of peers (overrides run.peers)")
+        launch.add_argument("--overwrite", action="store_true", help="replace results already in run.out")
+        launch.add_argument("--resume", action="store_true", help="continue the run in run.out from its newest common checkpoint")
+        launch.set_defaults(func=func)
 
     peer = sub.add_parser("peer", help="one peer; run under torchrun")
     peer.add_argument("config")
