@@ -20,6 +20,7 @@ from typing import Any
 from p2pfed.benchcomm import COMMUNICATION_ROWS
 from p2pfed.benchprivacy import PRIVACY_ROWS
 from p2pfed.benchrow import Row
+from p2pfed.benchscale import SCALE_ROWS
 from p2pfed.config import ConfigError, config_from_dict, load_config
 from p2pfed.metrics import mean_of, read_metrics
 from p2pfed.provenance import code_version, read_code_version, same_clean_code
@@ -55,7 +56,7 @@ class Suite:
     'secure' (masking against the plain row of its graph), 'sweep' (the best row), 'privacy'
     (the smallest epsilon within 5% of the no-DP row), 'communication' (>= 100x fewer bytes
     within 1% of allreduce), 'robust' or
-    'convergence' (the full suite's four goals)."""
+    'convergence' (the full suite's four goals), 'scale' (the simulator: memory, speed, consensus)."""
     scaling: tuple[Scaling, ...] = ()
     micro: str = ""
     """Micro-benchmark size: '' (none), 'quick' or 'full'."""
@@ -120,6 +121,8 @@ def robust_rows(topologies: tuple[str, ...], attackers: tuple[int, ...], rules: 
     return tuple(rows)
 
 
+TINY_AND_SMOLLM2 = "launch/configs/demo.toml"
+"""The scale suite's rows name their own base (tiny.toml or demo.toml)."""
 SCALING_COMMON = ("run.rounds=3", "run.max_restarts=0", "run.local_steps=1", "run.eval_every=3", "data.batch_size=1", "data.eval_blocks=1", "bench.probes=5")
 SUITES = {
     "quick": Suite("launch/configs/tiny.toml", "the full suite's rows on the tiny random Llama, 4 peers (a smoke test of the harness)",
@@ -148,6 +151,9 @@ SUITES = {
                      "ring): perplexity against epsilon", PRIVACY_ROWS, ("run.eval_every=12",), judge="privacy"),
     "communication": Suite("launch/configs/demo.toml", "communication to quality on the demo task (SmolLM2-135M, 4 peers, ring): "
                            "48 local steps per peer in every row, H a round", COMMUNICATION_ROWS, judge="communication"),
+    "scale": Suite(TINY_AND_SMOLLM2, "the simulator (`p2pfed simulate`): memory and peer-steps/s against torchrun, 1,024 tiny and 256 "
+                   "SmolLM2 peers, consensus per round at 16-1,024 peers against the mixing matrices, an emulated 100 ms / 10 Mbit/s ring",
+                   SCALE_ROWS, judge="scale"),
 }
 
 
@@ -167,7 +173,15 @@ class BenchRun:
         return SUITES[self.suite_name]
 
     def selected(self, rows: list[Row] | tuple[Row, ...]) -> list[Row]:
-        return [r for r in rows if not self.only or any(o.lower() in r.name.lower() for o in self.only)]
+        """Rows whose name contains a part of `only`, or whose number (1-based) a '#N' or '#N-M' part names."""
+        numbers = set()
+        for part in (o for o in self.only if o.startswith("#")):
+            low, _, high = part[1:].partition("-")
+            if not low.isdigit() or (high and not high.lstrip("#").isdigit()):
+                raise ValueError(f"--rows {part}: expected a row number '#N' or a range '#N-M'")
+            numbers.update(range(int(low), int(high.lstrip("#") or low) + 1))
+        names = [o.lower() for o in self.only if not o.startswith("#")]
+        return [r for i, r in enumerate(rows, start=1) if not self.only or i in numbers or any(o in r.name.lower() for o in names)]
 
     def plan(self) -> tuple[list[Row], list[tuple[Scaling, Row]], bool]:
         """What this invocation runs: convergence rows, scaling rows, and whether the micro-benchmarks."""
@@ -227,6 +241,16 @@ class BenchRun:
                                for rule in ("trimmed", "median")]
         return results
 
+    def scale_row(self, index: int, total: int, row: Row) -> dict[str, Any]:
+        """A scale row's figures; a size that fails (e.g. out of memory) is a table line saying so."""
+        from p2pfed.benchscale import scale_figures
+
+        try:
+            return scale_figures(row, self.run_row(self.suite_name, index, total, row, row.base or self.suite.base, self.suite.common))
+        except RuntimeError as err:
+            print(f"[bench] {err}", file=sys.stderr, flush=True)
+            return {"name": row.name, "error": str(err).splitlines()[-1][:200], "wall_s": 0.0}
+
     def run(self) -> Path:
         from p2pfed.benchtables import write_results
         from p2pfed.microbench import run_micro
@@ -236,6 +260,8 @@ class BenchRun:
         started = time.perf_counter()
         if suite.judge == "robust":
             results = self.run_robust(rows)
+        elif suite.judge == "scale":
+            results = [self.scale_row(i, len(rows), row) for i, row in enumerate(rows, start=1)]
         else:
             results = [convergence_figures(row, self.run_row(self.suite_name, i, len(rows), row, suite.base, suite.common))
                        for i, row in enumerate(rows, start=1)]

@@ -14,3 +14,5 @@ class Row:
     overrides: tuple[str, ...] = ()
     cell: tuple | None = None
     """Robust suite: (topology, attackers, attack or None, rule)."""
+    base: str = ""
+    """The row's base config where it is not its suite's (the scale suite mixes models)."""

@@ -271,7 +271,11 @@ def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]]
             f"the runs took {sum(r.get('wall_s', 0.0) for r in [*results, *scaling]) / 60:.0f} min in all "
             f"(this invocation {wall_s / 60:.0f} min: finished runs of the identical config and the same clean commit are reused).", "",
             code_line([*results, *scaled_code(scaling)], micro), ""]
-    if results and any(r.get("config") for r in results):
+    if suite.judge == "scale":
+        from p2pfed.benchscale import scale_sections
+
+        text += scale_sections(results, directory, stamp, suite_name)
+    elif results and any(r.get("config") for r in results):
         configured = [r for r in results if r.get("config")]
         base = configured[0]["config"] if suite.judge != "convergence" else next(
             (r["config"] for r in results if r["name"].startswith("gossip ring")), results[-1]["config"])

@@ -4,6 +4,7 @@ prepare, keygen, topology show, report, bench."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -138,9 +139,12 @@ def simulate_run(config: Config, resolved: Path) -> int:
     except (TransportTimeout, TransportRefused, CheckpointError, SecureError) as err:
         print(f"p2pfed simulate: {err}", file=sys.stderr)
         return 1
-    print("\n" + (Path(config.run.out) / "summary.md").read_text(encoding="utf-8"))
+    out = Path(config.run.out)
+    (out / "simulation.json").write_text(json.dumps(result.record(config.run.peers), indent=2) + "\n", encoding="utf-8")
+    print("\n" + (out / "summary.md").read_text(encoding="utf-8"))
     print(f"[p2pfed] simulated {config.run.peers} peers in {result.wall_s:.1f} s ({result.swaps} adapter swaps, "
-          f"{result.per_peer_bytes / 1e6:.2f} MB of adapter per peer)")
+          f"{result.per_peer_bytes / 1e6:.2f} MB of adapter per peer; peak resident memory {result.rss_peak_bytes / 2**30:.2f} GiB, "
+          f"{result.rss_base_bytes / 2**30:.2f} GiB with the base model alone)")
     return 0
 
 
@@ -283,8 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a benchmark suite and write its table to bench/results/")
     bench.add_argument("suite", help="quick (tiny model, ~6 min), full (8 SmolLM2 peers: baselines, topologies, scaling, micro-benchmarks; ~1.5 h), "
-                                            "compression (SmolLM2 demo task, ~1 h) or secure (~15 min)")
-    bench.add_argument("--rows", help="comma-separated parts of row names to run, 'micro' for the micro-benchmarks (default: all)")
+                                     "compression (SmolLM2 demo task, ~1 h), secure (~15 min), robust, robust-tiny, choco-gamma, privacy, "
+                                     "communication or scale (the simulator)")
+    bench.add_argument("--rows", help="comma-separated parts of row names to run, or row numbers '#N' / '#N-M' (1-based), 'micro' for the "
+                       "micro-benchmarks (default: all)")
     bench.add_argument("--out", default="bench", help="directory for runs/ and results/ (default: bench)")
     bench.add_argument("--fresh", action="store_true", help="rerun rows whose identical config already finished under OUT/runs")
     bench.set_defaults(func=cmd_bench)

@@ -33,6 +33,7 @@ class RunSection:
     rounds: int = 8
     """Gossip rounds; each round is `local_steps` optimizer steps then one exchange."""
     local_steps: int = 2
+    """0: no training, the rounds only gossip (consensus studies, e.g. with lora.init = 'per_peer')."""
     eval_every: int = 2
     """Evaluate (own held-out + global) every E rounds, and always before and after."""
     seed: int = 0
@@ -53,8 +54,8 @@ class RunSection:
     shared base model (`p2pfed simulate` sets it; p2pfed.simulate)."""
 
     def check(self) -> None:
-        _positive(self, "peers", "rounds", "local_steps", "eval_every", "checkpoint_every")
-        _at_least(self, 0, "threads", "sample_tokens", "max_restarts")
+        _positive(self, "peers", "rounds", "eval_every", "checkpoint_every")
+        _at_least(self, 0, "threads", "sample_tokens", "max_restarts", "local_steps")
         _one_of(self, "engine", ("torchrun", "simulate"))
 
 
@@ -81,6 +82,9 @@ class LoraSection:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     share: str = "AB"
     """'AB': both factors trained and gossiped; 'B': A frozen at the common seed, only B."""
+    init: str = "common"
+    """'common': every peer starts from the adapter of run.seed (averaging needs it);
+    'per_peer': A from (seed, rank), so peers start apart (consensus studies)."""
 
     def check(self) -> None:
         _positive(self, "r", "alpha")
@@ -89,6 +93,9 @@ class LoraSection:
         if not self.target_modules:
             raise ConfigError("[lora] target_modules: expected at least one module name")
         _one_of(self, "share", ("AB", "B"))
+        _one_of(self, "init", ("common", "per_peer"))
+        if self.init == "per_peer" and self.share == "B":
+            raise ConfigError("[lora] init = 'per_peer' draws each peer's A, but share = 'B' needs A common to every peer; use share = 'AB'")
 
 
 @dataclass(kw_only=True)
@@ -469,6 +476,9 @@ class Config:
                               "use network.slow_peers for a straggler, or run it under torchrun")
         if any(r >= self.run.peers for r in self.network.slow_peers):
             raise ConfigError(f"[network] slow_peers: {self.network.slow_peers} names a rank outside the {self.run.peers} peers (0..{self.run.peers - 1})")
+        if self.run.local_steps == 0 and (self.gossip.mode != "gossip" or self.privacy.enabled or self.outer.enabled):
+            raise ConfigError("[run] local_steps = 0 (no training, gossip only) needs gossip.mode = 'gossip' without [privacy] "
+                              "or [outer]: with no local update there is nothing to clip or to take an outer step on")
         if self.privacy.enabled and self.gossip.mode == "local":
             raise ConfigError("[privacy] enabled: gossip.mode = local shares nothing, so there is nothing to make private; "
                               "use gossip or allreduce")

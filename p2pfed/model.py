@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import math
 import os
 import shutil
 from pathlib import Path
@@ -160,6 +161,18 @@ def wrap_lora(model: PreTrainedModel, section: LoraSection, seed: int) -> PeftMo
             if "lora_A" in name:
                 param.requires_grad_(False)
     return peft_model
+
+
+def draw_peer_adapter(model: PeftModel, seed: int, rank: int) -> None:
+    """lora.init = 'per_peer': redraw every A factor as PEFT does (Kaiming uniform) from
+    (seed, rank), so peers start apart; B stays zero, so the model is still the base."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank + 1)
+    with torch.no_grad():
+        for name, param in shared_parameters(model):
+            if "lora_A" in name:
+                drawn = torch.empty(param.shape, dtype=param.dtype)
+                torch.nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
+                param.copy_(drawn)
 
 
 def shared_parameters(model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:

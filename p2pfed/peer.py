@@ -32,7 +32,7 @@ from p2pfed.identity import Identity, IdentityError, Roster, load_identity
 from p2pfed.checkpoint import CheckpointError, Checkpoints, agree_on_round, identity_key, local_key
 from p2pfed.memory import keep_freed_memory
 from p2pfed.metrics import MetricsWriter, mean_of, read_metrics, summary_table
-from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, load_base, save_adapter, vector_to_adapter, wrap_lora
+from p2pfed.model import ModelError, adapter_layout, adapter_to_vector, choose_device, draw_peer_adapter, load_base, save_adapter, vector_to_adapter, wrap_lora
 from p2pfed.outer import OuterOptimizer, check_outer
 from p2pfed.privacy import PrivacyLedger
 from p2pfed.privacy.distributed import NoisePlan
@@ -126,6 +126,8 @@ class Peer:
             self.model = wrap_lora(base, config.lora, seed).to(device)  # same adapter on every peer
         else:  # simulation: one base for all peers, this peer's adapter swapped in while it runs
             self.model, self.tokenizer = shared.model, shared.tokenizer
+        if config.lora.init == "per_peer":
+            draw_peer_adapter(self.model, seed, self.rank)
         torch.manual_seed(seed * 100_003 + self.rank)  # per-peer randomness (dropout) from (seed, rank)
         self.data: PeerData = load_peer_data(config.data, self.tokenizer, self.rank, transport.world_size, seed)
         sampler = BlockSampler(self.data.train, config.data.batch_size, seed * 100_003 + self.rank)
@@ -369,7 +371,8 @@ class Peer:
         shown = f" | global ppl {record['global_ppl']:.2f}" if record.get("global_ppl") else ""
         agreement = f" | consensus {consensus:.2e}" if consensus is not None else ""
         steps = f" in {result.steps} steps" if result.steps > 1 else ""
-        self.say(f"round {round:>3}/{cfg.run.rounds} | train loss {train_loss:.3f}{shown}{agreement}{steps} "
+        loss = f"train loss {train_loss:.3f}" if train_loss is not None else "gossip only"
+        self.say(f"round {round:>3}/{cfg.run.rounds} | {loss}{shown}{agreement}{steps} "
                  f"| {record['round_s']:.1f} s (compute {compute_s:.1f}, comm {stats.comm_s:.3f})")
         return record
 

@@ -71,9 +71,12 @@ class LocalTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.restore(state["sampler"])
 
-    def train(self, steps: int) -> float:
-        """`steps` local steps; returns their mean loss. With optimizer_state = 'reset' they
-        start from fresh AdamW moments (the schedule's step count goes on)."""
+    def train(self, steps: int) -> float | None:
+        """`steps` local steps; returns their mean loss (None for none: a gossip-only round).
+        With optimizer_state = 'reset' they start from fresh AdamW moments (the schedule's
+        step count goes on)."""
+        if steps == 0:
+            return None
         if self.section.optimizer_state == "reset":
             self.optimizer.state.clear()
         return sum(self.step() for _ in range(steps)) / steps

@@ -136,13 +136,17 @@ def test_rows_select_parts_of_a_suite():
     assert BenchRun("full", ROOT / "bench", ["micro"]).plan()[2]
     with pytest.raises(ValueError, match="matches no row of suite full"):
         BenchRun("full", ROOT / "bench", ["no such row"]).plan()
+    numbered = BenchRun("full", ROOT / "bench", ["#2", "#4-#5"]).plan()[0]
+    assert [r.name for r in numbered] == ["allreduce (exact mean every round)", "gossip ring", "gossip torus"]
+    with pytest.raises(ValueError, match="--rows #x: expected a row number"):
+        BenchRun("full", ROOT / "bench", ["#x"]).plan()
 
 
 @pytest.mark.parametrize("name", sorted(SUITES))
 def test_every_row_of_every_suite_is_a_valid_config(name):
     suite = SUITES[name]
     for row in suite.rows:
-        load_config(ROOT / suite.base, [*suite.common, *row.overrides]).check()
+        load_config(ROOT / (row.base or suite.base), [*suite.common, *row.overrides]).check()
     for scaling in suite.scaling:
         for row in scaling.rows():
             load_config(ROOT / scaling.base, [*scaling.common, *row.overrides]).check()

@@ -23,11 +23,12 @@ PEERS, SIGMA, CLIP = 4, 20.0, 1e-3
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
 
-def test_secure_dp_mixes_carry_the_full_noise_variance_and_the_budget_stops_the_run(tmp_path):
+@pytest.mark.parametrize("secure", ["true", "false"], ids=["secure", "plain"])
+def test_dp_mixes_carry_the_full_noise_variance_and_the_budget_stops_the_run(tmp_path, secure):
     accountant = Accountant(SIGMA, 1e-5)
     budget = (accountant.epsilon(2) + accountant.epsilon(3)) / 2  # two of the four rounds fit
     out = tmp_path / "run"
-    result = run_cli("run", str(TINY), f"run.out={out}", "run.rounds=4", "run.eval_every=4", "gossip.secure=true",
+    result = run_cli("run", str(TINY), f"run.out={out}", "run.rounds=4", "run.eval_every=4", f"gossip.secure={secure}",
                      "privacy.enabled=true", f"privacy.noise_multiplier={SIGMA}", f"privacy.clip={CLIP}", f"privacy.epsilon={budget}")
     assert result.returncode == 0, result.stderr[-3000:]
 

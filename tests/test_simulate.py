@@ -135,3 +135,74 @@ def test_run_engine_simulate_makes_p2pfed_run_simulate(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "simulated 4 peers in" in result.stdout and "Emulated network (50 ms latency" in result.stdout
     assert json.loads((tmp_path / "r" / "config.json").read_text())["run"]["engine"] == "simulate"
+
+
+def gossip_only(tmp_path, topology, peers, rounds):
+    """Xi^2_t / Xi^2_0 of a simulated gossip-only run whose peers start apart."""
+    out = tmp_path / topology
+    result = run_cli("simulate", str(TINY), f"run.out={out}", f"run.peers={peers}", f"gossip.topology=topologies/{topology}.toml",
+                     f"run.rounds={rounds}", "run.local_steps=0", "lora.init=per_peer", f"run.eval_every={rounds}", "consensus.every=1",
+                     "data.split=role", "data.eval_blocks=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    xi = [r["consensus"] for r in read_jsonl(out / "metrics" / "peer0.jsonl")]
+    return [x / xi[0] for x in xi], xi[0]
+
+
+@pytest.mark.timeout(300)
+def test_gossip_only_rounds_from_apart_mix_at_the_rate_the_ring_spectrum_predicts(tmp_path):
+    """Ring of 8, weights 1/3: eigenvalues (1 + 2 cos(2 pi k / 8)) / 3; independent starts give
+    E[Xi^2_t / Xi^2_0] = (1/7) sum_{k=1..7} lambda_k^(2t) (closed form, not the code's matrices)."""
+    import math
+
+    ratios, start = gossip_only(tmp_path, "ring", 8, 4)
+    assert start > 1e-3  # per_peer: the peers start apart (a common start would give 0)
+    for t in range(1, 5):
+        expected = sum(((1 + 2 * math.cos(2 * math.pi * k / 8)) / 3) ** (2 * t) for k in range(1, 8)) / 7
+        assert ratios[t] == pytest.approx(expected, rel=0.1), t
+    saved = [adapter(tmp_path / "ring", rank) for rank in range(8)]
+    assert not torch.equal(saved[0], saved[1])  # still apart after 4 rounds on a ring
+
+
+@pytest.mark.timeout(300)
+def test_the_one_peer_exponential_graph_averages_exactly_in_log2_n_gossip_only_rounds(tmp_path):
+    """Ying et al. 2021: on 8 peers, rounds with hops 1, 2, 4 (weights 1/2) give the exact mean.
+    Before that, circulant eigenvalues (1 + w^(k 2^j)) / 2, w = exp(2 pi i / 8), give
+    E[Xi^2_t / Xi^2_0] = (1/7) sum_k prod_{j<t} |(1 + w^(k 2^j)) / 2|^2 (3/7 after one round)."""
+    import cmath
+    import math
+
+    ratios, _ = gossip_only(tmp_path, "onepeer-exponential", 8, 3)
+    w = cmath.exp(2j * cmath.pi / 8)
+    for t in (1, 2):
+        expected = sum(abs(math.prod((1 + w ** (k * 2 ** j)) / 2 for j in range(t))) ** 2 for k in range(1, 8)) / 7
+        assert ratios[t] == pytest.approx(expected, rel=0.15), t
+    assert ratios[1] == pytest.approx(3 / 7, rel=0.1)
+    assert ratios[3] < 1e-9
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["run.local_steps=0", "gossip.mode=allreduce"], r"\[run\] local_steps = 0 \(no training, gossip only\) needs gossip.mode"),
+    (["run.local_steps=0", "privacy.enabled=true"], r"\[run\] local_steps = 0"),
+    (["lora.init=per_peer", "lora.share=B"], r"\[lora\] init = 'per_peer' draws each peer's A, but share = 'B'"),
+    (["lora.init=random"], r"\[lora\] init: expected one of common, per_peer"),
+    (["run.local_steps=-1"], r"\[run\] local_steps: expected a number >= 0"),
+])
+def test_gossip_only_settings_that_cannot_hold_are_one_sentence(overrides, message):
+    from p2pfed.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_the_scale_suites_prediction_is_the_ring_spectrum():
+    """The bench's predicted ratio from the project's mixing matrices against the cosine closed form."""
+    import math
+
+    from p2pfed.benchscale import predicted_consensus
+
+    expected, bound = predicted_consensus(str(ROOT / "topologies" / "ring.toml"), 16, 5)
+    for t in range(6):
+        assert expected[t] == pytest.approx(sum(((1 + 2 * math.cos(2 * math.pi * k / 16)) / 3) ** (2 * t) for k in range(1, 16)) / 15)
+        assert bound[t] == pytest.approx(((1 + 2 * math.cos(2 * math.pi / 16)) / 3) ** (2 * t))
+    varying, none = predicted_consensus(str(ROOT / "topologies" / "onepeer-exponential.toml"), 16, 4)
+    assert none is None and varying[4] < 1e-20 and varying[1] == pytest.approx(7 / 15)  # mean of (1 + cos(2 pi k / 16)) / 2, k = 1..15

@@ -74,13 +74,15 @@ class PrivacyLedger:
         return min([own, *(c for c in counts if c <= rounds_left)])
 
     def release(self, trained: torch.Tensor, start: torch.Tensor, round: int,
-                attempt: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """(the value to send, this peer's own term of the mix, the metrics); the release is on disk first."""
+                attempt: int) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """(the value to send, this peer's own term of the mix where it differs from what it sends
+        (distributed noise), the metrics); the release is on disk first."""
         share, logged = self.plan.at(round - 1) if self.plan is not None else (1.0, self.section.noise_multiplier)
         release = privatize(trained, start, self.section.clip, self.section.noise_multiplier, share=share)
         self.log.record(round, attempt, logged)
         epsilon = self.epsilon()
-        return release.vector, release.own, {"update_norm": None if math.isnan(release.update_norm) else release.update_norm,
+        own = None if release.own is release.vector else release.own  # a separate own term only under distributed noise
+        return release.vector, own, {"update_norm": None if math.isnan(release.update_norm) else release.update_norm,
                                              "update_clipped": release.clipped, "epsilon": epsilon if math.isfinite(epsilon) else None,
                                              "dp_releases": self.releases}
 

@@ -44,6 +44,33 @@ class Simulation:
     wall_s: float
     swaps: int
     per_peer_bytes: int
+    rss_base_bytes: int
+    """Resident memory once the shared model is loaded, before any peer starts."""
+    rss_peak_bytes: int
+    """The process's peak resident memory (getrusage): base model plus every peer's state."""
+
+    def record(self, peers: int) -> dict[str, Any]:
+        """What simulation.json holds beside the run's own summary (bench scale reads it)."""
+        return {"peers": peers, "wall_s": self.wall_s, "swaps": self.swaps, "adapter_bytes_per_peer": self.per_peer_bytes,
+                "rss_base_bytes": self.rss_base_bytes, "rss_peak_bytes": self.rss_peak_bytes}
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def peak_resident_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def shared_model(config: Config, device: torch.device) -> SharedModel:
@@ -66,6 +93,7 @@ def simulate(config: Config, device: torch.device | None = None) -> Simulation:
 
     device = device or torch.device("cpu")
     shared = shared_model(config, device)
+    rss_base = resident_bytes()
     hub = LocalHub(config.run.peers, timeout_s=WAIT_S)
     network = Network(config.network, config.run.seed)
     rows: list[dict[str, Any] | None] = [None] * config.run.peers
@@ -89,4 +117,4 @@ def simulate(config: Config, device: torch.device | None = None) -> Simulation:
         thread.join()
     if errors:  # the first recorded is the cause: the others stopped after it announced itself (hub.fail)
         raise next(iter(errors.values()))
-    return Simulation(rows, time.perf_counter() - started, shared.baton.swaps, shared.baton.per_peer_bytes())
+    return Simulation(rows, time.perf_counter() - started, shared.baton.swaps, shared.baton.per_peer_bytes(), rss_base, peak_resident_bytes())
