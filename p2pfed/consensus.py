@@ -25,8 +25,10 @@ log = logging.getLogger("p2pfed.consensus")
 
 
 def _sum(values: torch.Tensor, transport: Transport, masked: MaskedSum | None) -> torch.Tensor:
-    """All peers' sum: plain, or (secure mode) of masked values so no one's own crosses the wire."""
-    return transport.all_reduce_sum(values) if masked is None else masked.sum(values, transport)
+    """All peers' float64 sum: plain, or (secure mode) of masked values so no one's own crosses
+    the wire. The float64 copy is the transport's to make (a simulation then holds one running
+    total, not one copy per peer)."""
+    return transport.all_reduce_sum(values, torch.float64) if masked is None else masked.sum(values, transport)
 
 
 def _plausible(value: float, what: str) -> float | None:
@@ -41,8 +43,9 @@ def _plausible(value: float, what: str) -> float | None:
 def exact_consensus_distance(vector: torch.Tensor, transport: Transport, masked: MaskedSum | None = None) -> float | None:
     """Xi^2 over all peers, the same value on every peer (None when a peer made it impossible)."""
     n = transport.world_size
-    mean = _sum(vector.to(torch.float64), transport, masked) / n
+    mean = _sum(vector, transport, masked) / n
     own = (vector.to(torch.float64) - mean).pow(2).sum().reshape(1)
+    del mean  # not held while waiting for the slowest peer's second sum
     return _plausible(float(_sum(own, transport, masked)) / n, "the consensus distance")
 
 

@@ -63,8 +63,10 @@ class Averager:
         self.rule = build_rule(robust, byzantine)
         if mode == "gossip" and topology is not None:
             check_topology(robust, byzantine, topology)
-        self.initial = initial
-        """The common starting adapter: every public copy starts there (zeros if not given)."""
+        self.initial = initial if self.stateful else None
+        """The common starting adapter: every public copy starts there (zeros if not given);
+        kept only where there are copies (CHOCO, error feedback): a simulation of N peers
+        would otherwise hold N more adapters."""
         self.last_sent: torch.Tensor | None = None
         self.own_copy: torch.Tensor | None = None
         self.copies: dict[int, torch.Tensor] = {}

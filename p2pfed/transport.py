@@ -109,8 +109,9 @@ class Transport(Protocol):
         """
         ...
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over all peers (baseline averaging and monitoring only)."""
+    def all_reduce_sum(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Element-wise sum over all peers (baseline averaging and monitoring only), taken in
+        `dtype` where given (monitoring sums float32 adapters in float64)."""
         ...
 
     def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
@@ -185,8 +186,8 @@ class TorchTransport:
         frame[PREFIX:] = data
         return torch.frombuffer(frame, dtype=torch.uint8).to(self.device)
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        work = tensor.detach().to(self.device, copy=True)
+    def all_reduce_sum(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        work = tensor.detach().to(self.device, dtype=dtype or tensor.dtype, copy=True)
         dist.all_reduce(work, op=dist.ReduceOp.SUM)
         return work.to(tensor.device)
 
@@ -336,8 +337,36 @@ class LocalTransport:
                 del hub.pending[key]
             return entry[1]
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._collective("sum", tensor.detach().clone(), lambda values: torch.stack(values).sum(dim=0)).clone()
+    def all_reduce_sum(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or tensor.dtype
+        if dtype == torch.float64 or not dtype.is_floating_point:
+            return self._folded_sum(tensor, dtype).clone()
+        return self._collective("sum", tensor.detach().to(dtype, copy=True), lambda values: torch.stack(values).sum(dim=0)).clone()
+
+    def _folded_sum(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A float64 or integer sum (monitoring: consensus distance, losses, masked words) added
+        up as the values arrive, so a simulation of N peers never holds N copies of an adapter.
+        The order of arrival may change the last bits of a float64 figure (integers stay exact,
+        wrapping alike in any order); a float32 sum, the allreduce mode's mean that becomes every
+        adapter, stays in rank order so that runs repeat bit for bit."""
+        hub = self.hub
+        self.calls += 1
+        key = ("folded", self.calls)
+        with hub.condition:
+            entry = hub.pending.setdefault(key, [None, None, 0, 0])  # running total, result, arrived, readers
+            entry[0] = tensor.detach().to(dtype, copy=True) if entry[0] is None else entry[0].add_(tensor.detach().to(dtype))
+            entry[2] += 1
+            if entry[2] == self.world_size:
+                entry[1], entry[0] = entry[0], None
+                hub.condition.notify_all()
+            arrived = hub.condition.wait_for(lambda: hub.failed is not None or entry[1] is not None, timeout=hub.timeout_s)
+            hub.check(self.rank)
+            if not arrived:
+                raise TransportTimeout(f"peer {self.rank}: collective sum timed out")
+            entry[3] += 1
+            if entry[3] == self.world_size:
+                del hub.pending[key]
+            return entry[1]
 
     def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
         gathered = self._collective("gather", data)

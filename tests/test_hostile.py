@@ -273,8 +273,8 @@ def test_a_monitoring_sum_no_honest_peers_can_produce_is_ignored(lie):
         def __init__(self, inner, offset):
             self.inner, self.rank, self.world_size, self.offset = inner, inner.rank, inner.world_size, offset
 
-        def all_reduce_sum(self, tensor):
-            return self.inner.all_reduce_sum(tensor + self.offset if tensor.numel() == 1 else tensor)
+        def all_reduce_sum(self, tensor, dtype=None):
+            return self.inner.all_reduce_sum(tensor + self.offset if tensor.numel() == 1 else tensor, dtype)
 
     hub = LocalHub(3, timeout_s=5)
     results = {}

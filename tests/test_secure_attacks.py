@@ -63,8 +63,8 @@ class Tap:
     def payloads(self, source: int | None, kind: int) -> list[bytes]:
         return [p for j, k, p in self.seen if k == kind and (source is None or j == source)]
 
-    def all_reduce_sum(self, tensor):
-        return self.inner.all_reduce_sum(tensor)
+    def all_reduce_sum(self, tensor, dtype=None):
+        return self.inner.all_reduce_sum(tensor, dtype)
 
     def all_gather_bytes(self, data, max_length=None):
         return self.inner.all_gather_bytes(data, max_length)
@@ -442,9 +442,9 @@ def test_consensus_monitoring_in_secure_mode_hands_the_network_only_masked_words
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-        def all_reduce_sum(self, tensor):
+        def all_reduce_sum(self, tensor, dtype=None):
             handed.setdefault(self.rank, []).append(tensor.clone())
-            return self.inner.all_reduce_sum(tensor)
+            return self.inner.all_reduce_sum(tensor, dtype)
 
     def peer(rank):
         transport = Recording(hub.transport(rank))

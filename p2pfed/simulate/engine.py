@@ -55,6 +55,29 @@ class Simulation:
                 "rss_base_bytes": self.rss_base_bytes, "rss_peak_bytes": self.rss_peak_bytes}
 
 
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+"""glibc mallopt parameters (malloc.h)."""
+MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def one_heap() -> bool:
+    """glibc gives each thread that allocates its own heap (up to 8 per core) and keeps what a
+    freed activation held: N peer threads each taking a training step would pin N steps'
+    activations (~190 MiB each for SmolLM2 at 1x128). One peer computes at a time, so one
+    heap costs no contention; and blocks over 256 KiB (activations, messages) are mapped
+    apart and handed back when freed, so no peer's long-lived state pins them. False where
+    the C library is not glibc (nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_ARENA_MAX, 1)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
 def resident_bytes() -> int:
     """This process's resident memory now (Linux /proc; 0 where it cannot be read)."""
     try:
@@ -92,6 +115,7 @@ def simulate(config: Config, device: torch.device | None = None) -> Simulation:
     from p2pfed.peer import run
 
     device = device or torch.device("cpu")
+    one_heap()
     shared = shared_model(config, device)
     rss_base = resident_bytes()
     hub = LocalHub(config.run.peers, timeout_s=WAIT_S)

@@ -69,8 +69,8 @@ class SimTransport:
 
         return self._waiting(both)
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._synchronised(lambda: self.inner.all_reduce_sum(tensor))
+    def all_reduce_sum(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._synchronised(lambda: self.inner.all_reduce_sum(tensor, dtype))
 
     def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
         return self._synchronised(lambda: self.inner.all_gather_bytes(data, max_length))
