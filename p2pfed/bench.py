@@ -177,9 +177,10 @@ class BenchRun:
         numbers = set()
         for part in (o for o in self.only if o.startswith("#")):
             low, _, high = part[1:].partition("-")
-            if not low.isdigit() or (high and not high.lstrip("#").isdigit()):
+            high = high.lstrip("#")
+            if not (low.isascii() and low.isdigit()) or (high and not (high.isascii() and high.isdigit())):
                 raise ValueError(f"--rows {part}: expected a row number '#N' or a range '#N-M'")
-            numbers.update(range(int(low), int(high.lstrip("#") or low) + 1))
+            numbers.update(range(int(low), int(high or low) + 1))
         names = [o.lower() for o in self.only if not o.startswith("#")]
         return [r for i, r in enumerate(rows, start=1) if not self.only or i in numbers or any(o in r.name.lower() for o in names)]
 

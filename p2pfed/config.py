@@ -476,9 +476,10 @@ class Config:
                               "use network.slow_peers for a straggler, or run it under torchrun")
         if any(r >= self.run.peers for r in self.network.slow_peers):
             raise ConfigError(f"[network] slow_peers: {self.network.slow_peers} names a rank outside the {self.run.peers} peers (0..{self.run.peers - 1})")
-        if self.run.local_steps == 0 and (self.gossip.mode != "gossip" or self.privacy.enabled or self.outer.enabled):
-            raise ConfigError("[run] local_steps = 0 (no training, gossip only) needs gossip.mode = 'gossip' without [privacy] "
-                              "or [outer]: with no local update there is nothing to clip or to take an outer step on")
+        if self.run.local_steps == 0 and (self.gossip.mode != "gossip" or self.privacy.enabled or self.outer.enabled or self.gossip.secure):
+            raise ConfigError("[run] local_steps = 0 (no training, gossip only) needs gossip.mode = 'gossip' without [privacy], "
+                              "[outer] or gossip.secure: with no local update there is nothing to clip or to take an outer step on, "
+                              "and once peers agree a secure sender would have to mask the same adapter twice, which it refuses")
         if self.privacy.enabled and self.gossip.mode == "local":
             raise ConfigError("[privacy] enabled: gossip.mode = local shares nothing, so there is nothing to make private; "
                               "use gossip or allreduce")

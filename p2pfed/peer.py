@@ -158,9 +158,12 @@ class Peer:
         codec = build_codec(cfg.gossip.codec, settings, self.rank, adapter_layout(self.model))
         feedback = error_feedback_for(cfg.gossip, codec)
         fixed = FixedPoint(cfg.secure.bound, cfg.secure.frac_bits) if cfg.gossip.secure else None
+        # CHOCO / error-feedback copies of a neighbour must start where that neighbour's own does:
+        # the common adapter, or (per-peer starts) zeros at every peer
+        initial = adapter_to_vector(self.model) if cfg.lora.init == "common" else None
         return Averager(self.transport, cfg.gossip.mode, codec, self.topology, identity, roster, self.faults,
                         algorithm=cfg.gossip.algorithm, gamma=cfg.gossip.gamma, error_feedback=feedback,
-                        initial=adapter_to_vector(self.model), secure=fixed, seed=cfg.run.seed * 100_003 + self.rank,
+                        initial=initial, secure=fixed, seed=cfg.run.seed * 100_003 + self.rank,
                         min_present=cfg.secure.min_present, robust=cfg.gossip.robust, byzantine=cfg.gossip.byzantine)
 
     def say(self, text: str) -> None:

@@ -339,12 +339,12 @@ class LocalTransport:
 
     def all_reduce_sum(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or tensor.dtype
-        if dtype == torch.float64 or not dtype.is_floating_point:
+        if dtype in (torch.float64, torch.int64):
             return self._folded_sum(tensor, dtype).clone()
         return self._collective("sum", tensor.detach().to(dtype, copy=True), lambda values: torch.stack(values).sum(dim=0)).clone()
 
     def _folded_sum(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A float64 or integer sum (monitoring: consensus distance, losses, masked words) added
+        """A float64 or int64 sum (monitoring: consensus distance, losses, masked words) added
         up as the values arrive, so a simulation of N peers never holds N copies of an adapter.
         The order of arrival may change the last bits of a float64 figure (integers stay exact,
         wrapping alike in any order); a float32 sum, the allreduce mode's mean that becomes every
@@ -354,6 +354,8 @@ class LocalTransport:
         key = ("folded", self.calls)
         with hub.condition:
             entry = hub.pending.setdefault(key, [None, None, 0, 0])  # running total, result, arrived, readers
+            if entry[0] is not None and entry[0].shape != tensor.shape:
+                raise ValueError(f"peer {self.rank}: all_reduce_sum of shape {tuple(tensor.shape)}, others sent {tuple(entry[0].shape)}")
             entry[0] = tensor.detach().to(dtype, copy=True) if entry[0] is None else entry[0].add_(tensor.detach().to(dtype))
             entry[2] += 1
             if entry[2] == self.world_size:

@@ -137,12 +137,12 @@ def test_run_engine_simulate_makes_p2pfed_run_simulate(tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["run"]["engine"] == "simulate"
 
 
-def gossip_only(tmp_path, topology, peers, rounds):
+def gossip_only(tmp_path, topology, peers, rounds, *overrides):
     """Xi^2_t / Xi^2_0 of a simulated gossip-only run whose peers start apart."""
     out = tmp_path / topology
     result = run_cli("simulate", str(TINY), f"run.out={out}", f"run.peers={peers}", f"gossip.topology=topologies/{topology}.toml",
                      f"run.rounds={rounds}", "run.local_steps=0", "lora.init=per_peer", f"run.eval_every={rounds}", "consensus.every=1",
-                     "data.split=role", "data.eval_blocks=1")
+                     "data.split=role", "data.eval_blocks=1", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     xi = [r["consensus"] for r in read_jsonl(out / "metrics" / "peer0.jsonl")]
     return [x / xi[0] for x in xi], xi[0]
@@ -183,6 +183,7 @@ def test_the_one_peer_exponential_graph_averages_exactly_in_log2_n_gossip_only_r
 @pytest.mark.parametrize("overrides,message", [
     (["run.local_steps=0", "gossip.mode=allreduce"], r"\[run\] local_steps = 0 \(no training, gossip only\) needs gossip.mode"),
     (["run.local_steps=0", "privacy.enabled=true"], r"\[run\] local_steps = 0"),
+    (["run.local_steps=0", "gossip.secure=true"], r"\[run\] local_steps = 0 .* mask the same adapter twice"),
     (["lora.init=per_peer", "lora.share=B"], r"\[lora\] init = 'per_peer' draws each peer's A, but share = 'B'"),
     (["lora.init=random"], r"\[lora\] init: expected one of common, per_peer"),
     (["run.local_steps=-1"], r"\[run\] local_steps: expected a number >= 0"),
@@ -206,3 +207,17 @@ def test_the_scale_suites_prediction_is_the_ring_spectrum():
         assert bound[t] == pytest.approx(((1 + 2 * math.cos(2 * math.pi / 16)) / 3) ** (2 * t))
     varying, none = predicted_consensus(str(ROOT / "topologies" / "onepeer-exponential.toml"), 16, 4)
     assert none is None and varying[4] < 1e-20 and varying[1] == pytest.approx(7 / 15)  # mean of (1 + cos(2 pi k / 16)) / 2, k = 1..15
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("overrides", [("gossip.error_feedback=on",), ("gossip.algorithm=choco", "gossip.gamma=0.5")], ids=["ef", "choco"])
+def test_peers_that_start_apart_still_mix_with_copies_of_their_neighbours(tmp_path, overrides):
+    """Error feedback and CHOCO keep a copy of each neighbour; with per-peer starts every copy
+    must start where the sender's own does (attack review: each peer mixed with itself). fp32
+    with error feedback is exact gossip: on the ring of 4 (weights 1/3) every non-trivial
+    eigenvalue is +-1/3, so Xi^2 falls to exactly 1/9 in a round; CHOCO with gamma 1/2
+    contracts more slowly but must contract."""
+    ratios, _ = gossip_only(tmp_path, "ring", 4, 2, *overrides)
+    if overrides == ("gossip.error_feedback=on",):
+        assert ratios[1] == pytest.approx(1 / 9, rel=1e-3)
+    assert ratios[2] < 0.5
