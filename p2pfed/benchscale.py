@@ -23,15 +23,16 @@ from p2pfed.metrics import read_metrics
 
 SMOLLM2, TINY = "launch/configs/demo.toml", "launch/configs/tiny.toml"
 SIMULATE = ("run.engine=simulate",)
-SMALL = ("run.rounds=3", "run.local_steps=1", "run.eval_every=3", "data.batch_size=1", "data.eval_blocks=1", "data.split=role",
+SMALL = ("run.rounds=3", "run.local_steps=1", "run.eval_every=3", "data.batch_size=1", "data.eval_blocks=1", "data.split=slice",
          "run.max_restarts=0")
-"""Throughput rows: 3 rounds of one 1x128 step; split by speaking role (1,313 roles: enough
-for 1,024 peers; Shakespeare's 42 plays are not)."""
+"""Throughput rows: 3 rounds of one step on one block; the plays cut into one slice per peer
+(42 plays are too few for 1,024 peers, and the 1,024th largest of the 1,313 roles is 181
+characters: too short to hold out a block)."""
 CONSENSUS_ROUNDS = 10
 CONSENSUS_PEERS = (16, 64, 256, 1024)
 CONSENSUS_TOPOLOGIES = ("ring", "torus", "exponential", "onepeer-exponential")
 GOSSIP_ONLY = (*SIMULATE, f"run.rounds={CONSENSUS_ROUNDS}", "run.local_steps=0", "lora.init=per_peer", f"run.eval_every={CONSENSUS_ROUNDS}",
-               "data.batch_size=1", "data.eval_blocks=1", "data.split=role", "consensus.every=1", "run.checkpoint_every=100")
+               "data.batch_size=1", "data.eval_blocks=1", "data.split=slice", "consensus.every=1", "run.checkpoint_every=100")
 LINK = ("network.latency_ms=100", "network.bandwidth_mbit=10")
 EMULATED = (*SIMULATE, *LINK, "run.rounds=3", "run.eval_every=3")
 BEST_CODEC = ("gossip.codec=lowrank+int8", "codec.rank=2", "gossip.error_feedback=on")
@@ -246,7 +247,7 @@ def scale_sections(results: list[dict[str, Any]], directory: Path, stamp: str, s
     """The markdown the scale suite's results file holds (the plot written beside it)."""
     throughput = [r for r in results if r["name"].startswith(("SmolLM2", "tiny"))]
     text = ["## Throughput and memory", "", throughput_table(throughput), "", "Goals:", *scale_goals(results), "",
-            "Rows: 3 rounds of one local step a peer on one block (128 tokens SmolLM2, 64 tiny; data split by speaking role), ring, fp32 gossip. Seconds per round "
+            "Rows: 3 rounds of one local step a peer on one block (128 tokens SmolLM2, 64 tiny; the plays cut into one slice of text per peer), ring, fp32 gossip. Seconds per round "
             "leave evaluation out; peer-steps/s = peers x local steps / s per round. Memory (simulated rows): the process's peak "
             "resident set (getrusage) and its resident set once the shared base model is loaded; per added peer: the slope of the "
             "peak between the two simulated sizes of one model. Torchrun rows are separate processes, each with its own base "

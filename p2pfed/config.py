@@ -105,7 +105,9 @@ class DataSection:
     source: str = "shakespeare"
     """'shakespeare' (embedded) or 'jsonl' (one file per peer, see `path`)."""
     split: str = "play"
-    """Shakespeare only: 'play' or 'role' (LEAF style: each speaking role is a client)."""
+    """Shakespeare only: 'play', 'role' (LEAF style: each speaking role is a client) or
+    'slice' (the plays as one text cut into one equal slice per peer: for hundreds of peers,
+    where the smallest of 1,313 roles are a line long)."""
     path: str = ""
     """JSONL only: path template with {rank}, e.g. 'data/peer{rank}.jsonl'."""
     eval: str = ""
@@ -124,7 +126,7 @@ class DataSection:
 
     def check(self) -> None:
         _one_of(self, "source", ("shakespeare", "jsonl"))
-        _one_of(self, "split", ("play", "role"))
+        _one_of(self, "split", ("play", "role", "slice"))
         _positive(self, "block_size", "batch_size", "eval_blocks")
         _at_least(self, 0, "pool")
         if self.pool and self.source != "shakespeare":

@@ -104,6 +104,19 @@ def speaking_roles(play: Document) -> list[Document]:
     return [(f"{name}/{role}", "\n\n".join(speeches)) for role, speeches in sorted(roles.items())]
 
 
+def text_slices(works: list[Document], shares: int) -> list[Document]:
+    """split = 'slice': the works in name order as one text, cut at line boundaries into
+    `shares` slices of about equal length, so more peers than roles still each get text
+    enough to train and hold out (1,024 peers: ~4,900 characters each)."""
+    text = "\n\n".join(t for _, t in works)
+    cuts = [0]
+    for k in range(1, shares):
+        at = text.find("\n", max(cuts[-1] + 1, len(text) * k // shares))
+        cuts.append(len(text) if at < 0 else at + 1)
+    cuts.append(len(text))
+    return [(f"slice{k:04d}", text[a:b]) for k, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+
+
 def assign(documents: list[Document], peers: int, seed: int) -> list[list[Document]]:
     """Deal documents to peers after a seeded shuffle: each peer gets whole plays/roles."""
     order = list(documents)
@@ -223,7 +236,10 @@ def _shared(key: tuple, build):
 
 def _shakespeare_split(section: DataSection, tokenizer: PreTrainedTokenizerBase, shares: int, seed: int):
     works = shakespeare_works(shakespeare_dir())
-    documents = works if section.split == "play" else [r for w in works for r in speaking_roles(w)]
+    if section.split == "slice":
+        documents = text_slices(works, shares)
+    else:
+        documents = works if section.split == "play" else [r for w in works for r in speaking_roles(w)]
     shards = assign(documents, shares, seed)
     splits = {d[0]: hold_out(d, section.eval_fraction) for shard in shards for d in shard}
     global_eval = to_blocks([held for _, held in splits.values()], tokenizer, section.block_size)

@@ -141,3 +141,17 @@ def test_the_role_split_gives_each_peer_whole_speaking_roles_and_all_roles_are_d
         assert data.train.shape[0] > 0 and data.own_eval.shape[0] > 0
     assert sum(counts) == len(every_role) and abs(counts[0] - counts[1]) <= len(every_role) // 4
     assert set(listed[0]).isdisjoint(listed[1]) and set(listed[0] + listed[1]) <= every_role
+
+
+def test_slices_cut_the_plays_into_one_near_equal_share_per_peer_at_line_boundaries():
+    from p2pfed.data import text_slices
+
+    works = [("a", "one\ntwo\nthree\n" * 40), ("b", "four five\nsix\n" * 30)]
+    whole = "\n\n".join(t for _, t in works)
+    for shares in (1, 3, 7, 50):
+        slices = text_slices(works, shares)
+        assert len(slices) == shares and "".join(t for _, t in slices) == whole  # nothing lost, nothing twice
+        assert all(t for _, t in slices)
+        assert all(t.endswith("\n") for _, t in slices[:-1])  # cut after a line
+        longest_line = max(len(line) + 1 for line in whole.split("\n"))
+        assert max(len(t) for _, t in slices) <= len(whole) / shares + longest_line
