@@ -315,60 +315,50 @@ class LocalTransport:
                                            f"([gossip] timeout_s); peer {missing[0]} may have stopped or be stuck")
             return {k[0]: hub.mail.pop(k) for k in keys if k in hub.mail}  # mailboxes skip safely: a late letter is never read
 
-    def _collective(self, kind: str, value, combine=list):
+    def _collective(self, kind: str, value, combine=list, fold=None):
         """Every peer contributes one value; all get `combine` of the values in rank order,
-        computed once by the last to arrive; the last to read frees it."""
+        computed once by the last to arrive; the last to read frees it. With `fold(total,
+        value)` values are added up as they arrive instead (total None at first), so N peers
+        never hold N contributions at once."""
         hub = self.hub
         self.calls += 1
         key = (kind, self.calls)
         with hub.condition:
-            entry = hub.pending.setdefault(key, [[None] * self.world_size, None, 0])  # values, result, readers
-            values = entry[0]
-            values[self.rank] = value
-            if all(v is not None for v in values):
-                entry[1], entry[0] = combine(values), None
+            entry = hub.pending.setdefault(key, {"values": None if fold else [None] * self.world_size, "arrived": 0,
+                                                 "result": None, "done": False, "readers": 0})
+            if fold is None:
+                entry["values"][self.rank] = value
+            else:
+                entry["values"] = fold(entry["values"], value)
+            entry["arrived"] += 1
+            if entry["arrived"] == self.world_size:
+                entry["result"] = combine(entry["values"]) if fold is None else entry["values"]
+                entry["values"], entry["done"] = None, True
                 hub.condition.notify_all()
-            arrived = hub.condition.wait_for(lambda: hub.failed is not None or entry[0] is None, timeout=hub.timeout_s)
+            arrived = hub.condition.wait_for(lambda: hub.failed is not None or entry["done"], timeout=hub.timeout_s)
             hub.check(self.rank)
             if not arrived:
                 raise TransportTimeout(f"peer {self.rank}: collective {kind} timed out")
-            entry[2] += 1
-            if entry[2] == self.world_size:
+            entry["readers"] += 1
+            if entry["readers"] == self.world_size:
                 del hub.pending[key]
-            return entry[1]
+            return entry["result"]
 
     def all_reduce_sum(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """float64 and int64 sums (monitoring: consensus distance, losses, masked words) are
+        folded as they arrive: the order of arrival may change the last bits of a float64 figure
+        (integers stay exact, wrapping alike in any order). A float32 sum, the allreduce mode's
+        mean that becomes every adapter, stays in rank order so that runs repeat bit for bit."""
         dtype = dtype or tensor.dtype
-        if dtype in (torch.float64, torch.int64):
-            return self._folded_sum(tensor, dtype).clone()
-        return self._collective("sum", tensor.detach().to(dtype, copy=True), lambda values: torch.stack(values).sum(dim=0)).clone()
+        if dtype not in (torch.float64, torch.int64):
+            return self._collective("sum", tensor.detach().to(dtype, copy=True), lambda values: torch.stack(values).sum(dim=0)).clone()
 
-    def _folded_sum(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A float64 or int64 sum (monitoring: consensus distance, losses, masked words) added
-        up as the values arrive, so a simulation of N peers never holds N copies of an adapter.
-        The order of arrival may change the last bits of a float64 figure (integers stay exact,
-        wrapping alike in any order); a float32 sum, the allreduce mode's mean that becomes every
-        adapter, stays in rank order so that runs repeat bit for bit."""
-        hub = self.hub
-        self.calls += 1
-        key = ("folded", self.calls)
-        with hub.condition:
-            entry = hub.pending.setdefault(key, [None, None, 0, 0])  # running total, result, arrived, readers
-            if entry[0] is not None and entry[0].shape != tensor.shape:
-                raise ValueError(f"peer {self.rank}: all_reduce_sum of shape {tuple(tensor.shape)}, others sent {tuple(entry[0].shape)}")
-            entry[0] = tensor.detach().to(dtype, copy=True) if entry[0] is None else entry[0].add_(tensor.detach().to(dtype))
-            entry[2] += 1
-            if entry[2] == self.world_size:
-                entry[1], entry[0] = entry[0], None
-                hub.condition.notify_all()
-            arrived = hub.condition.wait_for(lambda: hub.failed is not None or entry[1] is not None, timeout=hub.timeout_s)
-            hub.check(self.rank)
-            if not arrived:
-                raise TransportTimeout(f"peer {self.rank}: collective sum timed out")
-            entry[3] += 1
-            if entry[3] == self.world_size:
-                del hub.pending[key]
-            return entry[1]
+        def fold(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+            if total is not None and total.shape != value.shape:
+                raise ValueError(f"peer {self.rank}: all_reduce_sum of shape {tuple(value.shape)}, others sent {tuple(total.shape)}")
+            return value.detach().to(dtype, copy=True) if total is None else total.add_(value.detach().to(dtype))
+
+        return self._collective("sum", tensor, fold=fold).clone()
 
     def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
         gathered = self._collective("gather", data)
