@@ -532,8 +532,9 @@ def run(config: Config, transport: Transport, device: torch.device, shared: Shar
         Path(config.run.out).mkdir(parents=True, exist_ok=True)
         save_config(config, Path(config.run.out) / "config.json")
     row = peer.run()
-    rows = [summary_row(b, rank, row) for rank, b in enumerate(transport.all_gather_bytes(json.dumps(row).encode()))]
-    if peer.rank == 0:
+    gathered = transport.all_gather_bytes(json.dumps(row).encode())
+    if peer.rank == 0:  # only peer 0 writes the summary: N peers reading N rows each is N^2 at 1,024 simulated peers
+        rows = [summary_row(b, rank, row) for rank, b in enumerate(gathered)]
         write_summary(config, rows, peer.samples(), peer.topology, time.perf_counter() - started)
     return row
 

@@ -55,6 +55,7 @@ class Topology:
     source: str
     graphs: list[nx.Graph]
     matrices: list[np.ndarray]
+    _mixing_rate: float | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -77,20 +78,24 @@ class Topology:
     def in_neighbours(self, rank: Rank, round: Round) -> list[Rank]:
         """Peers whose vectors `rank` mixes this round (it receives from them)."""
         row = self.weights(round)[rank]
-        return [j for j in range(self.n) if j != rank and row[j] > 0]
+        return [int(j) for j in np.flatnonzero(row > 0) if j != rank]
 
     def out_neighbours(self, rank: Rank, round: Round) -> list[Rank]:
         """Peers that mix `rank`'s vector this round (it sends to them)."""
         col = self.weights(round)[:, rank]
-        return [i for i in range(self.n) if i != rank and col[i] > 0]
+        return [int(i) for i in np.flatnonzero(col > 0) if i != rank]
 
     def mixing_rate(self) -> float:
-        """Per-round contraction of the disagreement: ||prod_t W_t - J||_2 ** (1/period)."""
+        """Per-round contraction of the disagreement: ||prod_t W_t - J||_2 ** (1/period).
+        Computed once (an SVD of n x n: every simulated peer shares this object and asks)."""
+        if self._mixing_rate is not None:
+            return self._mixing_rate
         product = np.eye(self.n)
         for matrix in self.matrices:
             product = matrix @ product
         rate = np.linalg.norm(product - np.full((self.n, self.n), 1.0 / self.n), 2)
-        return float(max(rate, 0.0) ** (1.0 / self.period))
+        self._mixing_rate = float(max(rate, 0.0) ** (1.0 / self.period))
+        return self._mixing_rate
 
     def spectral_gap(self) -> float:
         """1 - mixing rate; for a static symmetric W this is 1 - |second eigenvalue|."""
