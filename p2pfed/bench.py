@@ -167,6 +167,8 @@ class BenchRun:
     """Parts of row names to run (empty: everything); 'micro' selects the micro-benchmarks."""
     fresh: bool = False
     """Run every row even when a finished run of the identical config is already on disk."""
+    tag: str = ""
+    """Appended to the results file's name (see write_results)."""
 
     @property
     def suite(self) -> Suite:
@@ -276,7 +278,8 @@ class BenchRun:
                 print(f"[bench] {err}", file=sys.stderr, flush=True)
                 scaled.append({"name": row.name, "model": spec.label, "error": str(err).splitlines()[-1][:200]})
         micro_rows = run_micro(suite.micro) if micro else []
-        return write_results(self.suite_name, suite, results, scaled, micro_rows, self.out / "results", time.perf_counter() - started)
+        return write_results(self.suite_name, suite, results, scaled, micro_rows, self.out / "results",
+                             time.perf_counter() - started, self.tag)
 
 
 def robust_figures(row: Row, run_dir: Path) -> dict[str, Any]:

@@ -261,13 +261,15 @@ def plot_ppl_vs_bytes(results: list[dict[str, Any]], path: Path) -> Path:
 
 
 def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]], scaling: list[dict[str, Any]],
-                  micro: list[dict[str, Any]], directory: Path, wall_s: float = 0.0) -> Path:
-    """bench/results/<suite>-<date>.md, .json and (rows permitting) -ppl-vs-bytes.png; returns the markdown path."""
+                  micro: list[dict[str, Any]], directory: Path, wall_s: float = 0.0, tag: str = "") -> Path:
+    """bench/results/<suite>-<date>[-<tag>].md, .json and (rows permitting) a plot; returns the markdown path.
+    A tag keeps an invocation of some rows from overwriting the same day's file of the others."""
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d")
+    date = datetime.datetime.now().strftime("%Y-%m-%d")
+    stamp = f"{date}-{tag}" if tag else date
     info = machine()
     text = [f"# p2pfed bench `{suite_name}`: {suite.description}", "",
-            f"{stamp}; {info['platform']}, {info['cpus']} CPUs, torch {info['torch']}, Python {info['python']}; "
+            f"{date}; {info['platform']}, {info['cpus']} CPUs, torch {info['torch']}, Python {info['python']}; "
             f"the runs took {sum(r.get('wall_s', 0.0) for r in [*results, *scaling]) / 60:.0f} min in all "
             f"(this invocation {wall_s / 60:.0f} min: finished runs of the identical config and the same clean commit are reused).", "",
             code_line([*results, *scaled_code(scaling)], micro), ""]

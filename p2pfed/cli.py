@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -119,33 +121,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate_run(config, resolved)
 
 
+SIMULATOR_ENV = {"MKL_DISABLE_FAST_MM": "1"}
+"""Set before torch loads, so the simulator gets a process of its own. MKL keeps a cache of
+work buffers per thread that calls it, and the simulator's peers are threads: the cache grew
+with every peer (see README, Simulation at scale, for what a peer costs)."""
+
+
 def simulate_run(config: Config, resolved: Path) -> int:
-    """Every peer in this process (run.engine = 'simulate'); the run directory is ready."""
-    import torch
-
-    from p2pfed.checkpoint import CheckpointError
-    from p2pfed.peer import StopRequested
-    from p2pfed.secure import SecureError
-    from p2pfed.simulate import simulate
-    from p2pfed.transport import TransportRefused, TransportTimeout
-
-    torch.set_num_threads(config.run.threads or os.cpu_count() or 1)
+    """Every peer in one child process (run.engine = 'simulate'); the run directory is ready."""
     print(f"[p2pfed] simulating {config.run.peers} peers in one process on one base model; resolved config in {resolved}", flush=True)
+    return run_child([sys.executable, "-m", "p2pfed.simulate", str(resolved)], {**os.environ, **SIMULATOR_ENV})
+
+
+def run_child(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` to its end, passing Ctrl+C and SIGTERM on to it (it decides what a stop means)."""
+    child = subprocess.Popen(command, env=env)
+    forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = simulate(config)
-    except StopRequested as err:
-        print(f"p2pfed simulate: {err}", file=sys.stderr)
-        return 130
-    except (TransportTimeout, TransportRefused, CheckpointError, SecureError) as err:
-        print(f"p2pfed simulate: {err}", file=sys.stderr)
-        return 1
-    out = Path(config.run.out)
-    (out / "simulation.json").write_text(json.dumps(result.record(config.run.peers), indent=2) + "\n", encoding="utf-8")
-    print("\n" + (out / "summary.md").read_text(encoding="utf-8"))
-    print(f"[p2pfed] simulated {config.run.peers} peers in {result.wall_s:.1f} s ({result.swaps} adapter swaps, "
-          f"{result.per_peer_bytes / 1e6:.2f} MB of adapter per peer; peak resident memory {result.rss_peak_bytes / 2**30:.2f} GiB, "
-          f"{result.rss_base_bytes / 2**30:.2f} GiB with the base model alone)")
-    return 0
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -223,6 +220,13 @@ def cmd_tables(args: argparse.Namespace) -> int:
     return 0
 
 
+def results_tag(text: str) -> str:
+    """A file-name part: letters, digits and '-' only (it becomes part of bench/results/ names)."""
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,32}", text):
+        raise argparse.ArgumentTypeError(f"--tag {text!r}: expected 1-32 letters, digits or '-'")
+    return text
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from p2pfed.bench import SUITES, BenchRun
 
@@ -230,7 +234,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"bench: unknown suite {args.suite!r}; expected one of {', '.join(SUITES)}")
     only = [r.strip() for r in args.rows.split(",")] if args.rows else []
     try:
-        path = BenchRun(args.suite, Path(args.out), only, args.fresh).run()
+        path = BenchRun(args.suite, Path(args.out), only, args.fresh, args.tag).run()
     except (ValueError, RuntimeError) as err:
         print(f"p2pfed bench: {err}", file=sys.stderr)
         return 1
@@ -293,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "micro-benchmarks (default: all)")
     bench.add_argument("--out", default="bench", help="directory for runs/ and results/ (default: bench)")
     bench.add_argument("--fresh", action="store_true", help="rerun rows whose identical config already finished under OUT/runs")
+    bench.add_argument("--tag", default="", type=results_tag,
+                       help="name the results <suite>-<date>-TAG (a run of some rows then leaves the day's full table alone)")
     bench.set_defaults(func=cmd_bench)
 
     tables = sub.add_parser("tables", help="regenerate the README's result tables from bench/results (no figure typed by hand)")

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from p2pfed.bench import ROOT, SUITES, BenchRun, find_finished_run, slug
-from p2pfed.benchtables import best_line, code_line, convergence_goals, convergence_table, goal_line, micro_table, plot_ppl_vs_bytes, scaling_table, secure_line, table
+from p2pfed.benchtables import (best_line, code_line, convergence_goals, convergence_table, goal_line, micro_table, plot_ppl_vs_bytes,
+                                 scaling_table, secure_line, table, write_results)
 from p2pfed.config import load_config, save_config
 from p2pfed.provenance import write_code_version
 
@@ -179,3 +180,28 @@ def test_a_tree_is_dirty_for_code_changes_but_not_for_benchmark_results(tmp_path
     assert code_version(tmp_path)["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert code_version(tmp_path)["dirty"] is True
+
+
+def test_a_tagged_invocation_leaves_the_days_untagged_results_alone(tmp_path):
+    """`bench --tag`: a run of some rows writes <suite>-<date>-<tag>.*, so the same day's full
+    table (written by an untagged run) survives it."""
+    suite = SUITES["scale"]
+    untagged = write_results("scale", suite, [], [], [], tmp_path)
+    before = untagged.read_text(encoding="utf-8")
+    tagged = write_results("scale", suite, [], [], [], tmp_path, tag="large")
+    assert tagged.name == untagged.name.replace(".md", "-large.md")
+    assert tagged.with_suffix(".json").exists() and untagged.read_text(encoding="utf-8") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [untagged.name, untagged.with_suffix(".json").name, tagged.name, tagged.with_suffix(".json").name])
+
+
+@pytest.mark.parametrize("tag,ok", [("large", True), ("part-2", True), ("../x", False), ("a b", False), ("", False), ("x" * 33, False)])
+def test_bench_tag_is_a_plain_file_name_part(tag, ok):
+    from p2pfed.cli import build_parser
+
+    parser = build_parser()
+    if ok:
+        assert parser.parse_args(["bench", "scale", "--tag", tag]).tag == tag
+    else:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "scale", "--tag", tag])

@@ -55,27 +55,28 @@ class Simulation:
                 "rss_base_bytes": self.rss_base_bytes, "rss_peak_bytes": self.rss_peak_bytes}
 
 
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
-"""glibc mallopt parameters (malloc.h)."""
-MMAP_THRESHOLD_BYTES = 256 * 1024
+M_ARENA_MAX = -8
+"""glibc's mallopt parameter (malloc.h)."""
 
 
 def one_heap() -> bool:
     """glibc gives each thread that allocates its own heap (up to 8 per core) and keeps what a
     freed activation held: N peer threads each taking a training step would pin N steps'
-    activations (~190 MiB each for SmolLM2 at 1x128). One peer computes at a time, so one
-    heap costs no contention; and blocks over 256 KiB (activations, messages) are mapped
-    apart and handed back when freed, so no peer's long-lived state pins them. False where
-    the C library is not glibc (nothing changes)."""
+    activations (~190 MiB each for SmolLM2 at 1x128). One peer computes at a time, so one heap
+    costs no contention, and the next peer's step reuses what the last one freed; the freed
+    blocks stay in the process as a torchrun peer's do (p2pfed.memory), so no step pays page
+    faults for memory the step before handed back. False where the C library is not glibc."""
     import ctypes
     import ctypes.util
+
+    from p2pfed.memory import keep_freed_memory
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_ARENA_MAX, 1)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return bool(mallopt(M_ARENA_MAX, 1)) and keep_freed_memory()
 
 
 def resident_bytes() -> int:
