@@ -130,7 +130,8 @@ with every peer (see README, Simulation at scale, for what a peer costs)."""
 def simulate_run(config: Config, resolved: Path) -> int:
     """Every peer in one child process (run.engine = 'simulate'); the run directory is ready."""
     print(f"[p2pfed] simulating {config.run.peers} peers in one process on one base model; resolved config in {resolved}", flush=True)
-    return run_child([sys.executable, "-m", "p2pfed.simulate", str(resolved)], {**os.environ, **SIMULATOR_ENV})
+    env = {**os.environ, **SIMULATOR_ENV, "P2PFED_PARENT_PID": str(os.getpid())}
+    return run_child([sys.executable, "-m", "p2pfed.simulate", str(resolved)], env)
 
 
 def run_child(command: list[str], env: dict[str, str]) -> int:

@@ -409,8 +409,20 @@ class NetworkSection:
     slow_peers: list[int] = field(default_factory=list)
     """Stragglers: these peers' compute takes `slowdown` times as long."""
     slowdown: float = 1.0
+    churn: list[list[int]] = field(default_factory=list)
+    """Peers away for a while, each [rank, leave, rejoin]: away in rounds leave .. rejoin - 1
+    (counted from 1, as the metrics are), it takes no local step and sends and hears nothing;
+    its neighbours give its weight to their own term. Monitoring still sees every peer."""
+
+    def away(self, round: int) -> frozenset[int]:
+        """The peers away in `round` (1-based)."""
+        return frozenset(rank for rank, leave, rejoin in self.churn if leave <= round < rejoin)
 
     def check(self) -> None:
+        for entry in self.churn:
+            if not (len(entry) == 3 and entry[0] >= 0 and 1 <= entry[1] < entry[2]):
+                raise ConfigError(f"[network] churn: expected entries [rank, leave, rejoin] of whole numbers with rank >= 0 and "
+                                  f"1 <= leave < rejoin, got {entry!r}")
         for name in ("latency_ms", "retransmit_ms"):
             if not 0 <= getattr(self, name) <= 1e7:
                 raise ConfigError(f"[network] {name}: expected milliseconds in [0, 1e7], got {getattr(self, name)}")
@@ -478,6 +490,12 @@ class Config:
                               "use network.slow_peers for a straggler, or run it under torchrun")
         if any(r >= self.run.peers for r in self.network.slow_peers):
             raise ConfigError(f"[network] slow_peers: {self.network.slow_peers} names a rank outside the {self.run.peers} peers (0..{self.run.peers - 1})")
+        if any(entry[0] >= self.run.peers for entry in self.network.churn):
+            raise ConfigError(f"[network] churn: {self.network.churn} names a rank outside the {self.run.peers} peers (0..{self.run.peers - 1})")
+        if self.network.churn and (self.gossip.mode != "gossip" or self.gossip.secure or self.gossip.algorithm == "choco"
+                                   or self.gossip.error_feedback == "on"):
+            raise ConfigError("[network] churn: emulated only for plain gossip (gossip.mode = 'gossip', not secure, no CHOCO or "
+                              "error feedback): an absent sender would leave masks unmatched and public copies out of step")
         if self.run.local_steps == 0 and (self.gossip.mode != "gossip" or self.privacy.enabled or self.outer.enabled or self.gossip.secure):
             raise ConfigError("[run] local_steps = 0 (no training, gossip only) needs gossip.mode = 'gossip' without [privacy], "
                               "[outer] or gossip.secure: with no local update there is nothing to clip or to take an outer step on, "
@@ -533,6 +551,11 @@ def _coerce(section: str, name: str, value: Any, default: Any, declared: str = "
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
+    if isinstance(default, list) and declared == "list[list[int]]":
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        if not isinstance(value, list) or not all(isinstance(row, list) and all(whole(v) for v in row) for row in value):
+            raise ConfigError(f"{where}: expected a list of lists of integers, got {value!r}")
+        return [list(row) for row in value]
     if isinstance(default, list):
         want_int = declared == "list[int]"
         ok = (lambda v: isinstance(v, int) and not isinstance(v, bool)) if want_int else (lambda v: isinstance(v, str))

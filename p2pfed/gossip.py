@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -42,7 +43,8 @@ class Averager:
                  identity: Identity | None = None, roster: Roster | None = None, faults: FaultInjector | None = None,
                  *, algorithm: str = "plain", gamma: float = 0.5, error_feedback: bool = False,
                  initial: torch.Tensor | None = None, secure: FixedPoint | None = None, seed: int = 0,
-                 session: bytes | None = None, min_present: int = 2, robust: str = "none", byzantine: int = 1) -> None:
+                 session: bytes | None = None, min_present: int = 2, robust: str = "none", byzantine: int = 1,
+                 away: Callable[[int], frozenset[int]] | None = None) -> None:
         if mode == "gossip" and (topology is None or identity is None or roster is None):
             raise ValueError("gossip mode needs a topology, this peer's identity and the roster")
         self.transport = transport
@@ -60,6 +62,11 @@ class Averager:
             raise ConfigError("[gossip] algorithm/error_feedback: CHOCO and error feedback keep a copy of each neighbour, "
                               f"so they need a static topology; {topology.source} changes neighbours every round")
         self.feedback = ErrorFeedback(codec) if self.stateful else None
+        if away is not None and (self.stateful or secure is not None):
+            raise ConfigError("[network] churn: emulated only for plain gossip; this codec turns error feedback on (auto), and an "
+                              "absent sender would leave its public copy out of step: set gossip.error_feedback = 'off'")
+        self.away = away
+        """Emulated churn (simulation): the peers away in a round (1-based); they send and hear nothing."""
         self.rule = build_rule(robust, byzantine)
         if mode == "gossip" and topology is not None:
             check_topology(robust, byzantine, topology)
@@ -280,9 +287,14 @@ class Averager:
     def _gossip(self, vector: torch.Tensor, round: int, step: int, purpose: Purpose) -> tuple[torch.Tensor, RoundStats]:
         assert self.topology is not None and self.identity is not None
         weights = self.topology.weights(round)[self.rank]
-        senders = self.topology.in_neighbours(self.rank, round)
-        receivers = self.topology.out_neighbours(self.rank, round)
+        away = self.away(round + 1) if self.away is not None else frozenset()
+        senders = [j for j in self.topology.in_neighbours(self.rank, round) if j not in away]
+        receivers = [j for j in self.topology.out_neighbours(self.rank, round) if j not in away]
         stats = RoundStats(neighbours=senders)
+        if self.rank in away:  # emulated churn: away, it sends and hears nothing and keeps its own adapter
+            self.exchanges += 1  # in step with the others' count, which tags the messages after it rejoins
+            stats.neighbours = []
+            return vector.clone(), stats
 
         start = time.perf_counter()
         payload = self._encode(vector if self.faults is None else self.faults.poison(vector, round + 1), round, step)

@@ -164,7 +164,8 @@ class Peer:
         return Averager(self.transport, cfg.gossip.mode, codec, self.topology, identity, roster, self.faults,
                         algorithm=cfg.gossip.algorithm, gamma=cfg.gossip.gamma, error_feedback=feedback,
                         initial=initial, secure=fixed, seed=cfg.run.seed * 100_003 + self.rank,
-                        min_present=cfg.secure.min_present, robust=cfg.gossip.robust, byzantine=cfg.gossip.byzantine)
+                        min_present=cfg.secure.min_present, robust=cfg.gossip.robust, byzantine=cfg.gossip.byzantine,
+                        away=cfg.network.away if cfg.network.churn else None)
 
     def say(self, text: str) -> None:
         if self.loud:
@@ -343,8 +344,9 @@ class Peer:
         if self.faults is not None:
             self.faults.maybe_crash(round, restart)
         started = time.perf_counter()
-        before = adapter_to_vector(self.model) if self.privacy is not None or self.outer is not None else None
-        train_loss = self.trainer.train(cfg.run.local_steps)
+        away = self.rank in cfg.network.away(round)  # emulated churn: no steps, no release, no outer step this round
+        before = adapter_to_vector(self.model) if (self.privacy is not None or self.outer is not None) and not away else None
+        train_loss = self.trainer.train(0 if away else cfg.run.local_steps)
         compute_s = time.perf_counter() - started
         measure = is_measured(round, cfg.consensus, self.last_round)
         shared, own, privacy = adapter_to_vector(self.model), None, {}
@@ -364,6 +366,8 @@ class Peer:
                                   **privacy}
         if resumed_from is not None:
             record["resumed_from"] = resumed_from
+        if away:
+            record["away"] = True
         if round % cfg.run.eval_every == 0 or round == self.last_round:
             start = time.perf_counter()
             record.update(self.evaluate())

@@ -122,6 +122,11 @@ def test_message_loss_costs_a_retransmission_per_loss_at_the_geometric_rate():
     (["run.engine=simulate", "bench.probes=3"], r"\[bench\] probes: bare send/recv probes time a real network"),
     (["run.engine=simulate", "faults.peers=[1]", "faults.kind=crash"], r"\[faults\] kind = 'crash' kills its process"),
     (["run.engine=mpi"], r"\[run\] engine: expected one of torchrun, simulate"),
+    (["run.engine=simulate", "network.churn=[[4, 1, 2]]"], r"\[network\] churn: \[\[4, 1, 2\]\] names a rank outside the 4 peers"),
+    (["run.engine=simulate", "network.churn=[[1, 3, 3]]"], r"\[network\] churn: expected entries \[rank, leave, rejoin\]"),
+    (["run.engine=simulate", "network.churn=[[1, 2]]"], r"\[network\] churn: expected entries \[rank, leave, rejoin\]"),
+    (["run.engine=simulate", "network.churn=[[1, 2, 3]]", "gossip.secure=true"], r"\[network\] churn: emulated only for plain gossip"),
+    (["run.engine=simulate", "network.churn=[[1, 2, 3]]", "gossip.algorithm=choco"], r"\[network\] churn: emulated only for plain gossip"),
 ])
 def test_simulation_settings_that_cannot_hold_are_one_sentence(overrides, message):
     from p2pfed.config import ConfigError, load_config
@@ -135,6 +140,31 @@ def test_run_engine_simulate_makes_p2pfed_run_simulate(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "simulated 4 peers in" in result.stdout and "Emulated network (50 ms latency" in result.stdout
     assert json.loads((tmp_path / "r" / "config.json").read_text())["run"]["engine"] == "simulate"
+
+
+@pytest.mark.timeout(300)
+def test_a_peer_away_keeps_its_adapter_and_its_neighbours_give_its_weight_to_their_own(tmp_path):
+    """Ring of 4 (weights 1/3), gossip only from per-peer starts x, peer 2 away in round 1
+    (network.churn): y2 = x2, y1 = (x0 + 2 x1) / 3, y3 = (x0 + 2 x3) / 3, y0 = (x0 + x1 + x3) / 3;
+    back in round 2: z_i = (y_(i-1) + y_i + y_(i+1)) / 3. The starts come from a run in which every
+    peer is away (each keeps its draw)."""
+    common = (str(TINY), "run.local_steps=0", "lora.init=per_peer", "data.eval_blocks=1")
+    for name, rounds, churn in (("still", 1, "[[0, 1, 2], [1, 1, 2], [2, 1, 2], [3, 1, 2]]"), ("churn", 2, "[[2, 1, 2]]")):
+        result = run_cli("simulate", *common, f"run.rounds={rounds}", f"run.eval_every={rounds}", f"run.out={tmp_path / name}",
+                         f"network.churn={churn}", timeout=200)
+        assert result.returncode == 0, result.stderr[-3000:]
+    x = [adapter(tmp_path / "still", rank) for rank in range(PEERS)]
+    assert (x[0] - x[1]).norm() > 1e-3 * x[0].norm()  # per-peer starts: apart
+    y = [(x[0] + x[1] + x[3]) / 3, (x[0] + 2 * x[1]) / 3, x[2], (x[0] + 2 * x[3]) / 3]
+    for rank in range(PEERS):
+        want = (y[rank - 1] + y[rank] + y[(rank + 1) % PEERS]) / 3
+        assert torch.allclose(adapter(tmp_path / "churn", rank), want, rtol=1e-5, atol=1e-7), rank
+    rows = {rank: read_jsonl(tmp_path / "churn" / "metrics" / f"peer{rank}.jsonl")[1:] for rank in range(PEERS)}
+    assert rows[2][0]["away"] is True and rows[2][0]["bytes_sent"] == 0 and rows[2][0]["neighbours"] == []
+    assert [rows[r][0].get("away", False) for r in (0, 1, 3)] == [False] * 3 and all("away" not in rows[r][1] for r in range(PEERS))
+    assert rows[1][0]["neighbours"] == [0] and rows[3][0]["neighbours"] == [0] and rows[0][0]["neighbours"] == [1, 3]
+    assert rows[1][0]["bytes_sent"] == rows[0][0]["bytes_sent"] / 2  # peer 0 sends to 1 and 3, peer 1 only to 0
+    assert rows[2][1]["neighbours"] == [1, 3] and rows[2][1]["bytes_sent"] == rows[0][0]["bytes_sent"]
 
 
 def gossip_only(tmp_path, topology, peers, rounds, *overrides):
@@ -221,3 +251,37 @@ def test_peers_that_start_apart_still_mix_with_copies_of_their_neighbours(tmp_pa
     if overrides == ("gossip.error_feedback=on",):
         assert ratios[1] == pytest.approx(1 / 9, rel=1e-3)
     assert ratios[2] < 0.5
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("when", ["loading", "running"])
+def test_the_simulation_process_does_not_outlive_the_command_that_started_it(tmp_path, when):
+    """`p2pfed simulate` runs the peers in a child process; the command killed outright (SIGKILL:
+    no chance to forward anything), whether the child is still loading torch or already running
+    rounds, must not leave that child holding every peer."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-m", "p2pfed.cli", "simulate", str(TINY), "run.rounds=500", f"run.out={out}"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = subprocess.run(["pgrep", "-f", f"p2pfed.simulate {out}"], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in found]
+
+    deadline = time.monotonic() + 60
+    while not children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if when == "running":
+        while not (out / "metrics" / "peer0.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    kids = children()
+    assert kids, "no simulation process started"
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 45
+    while children() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not children(), f"simulation process {kids} outlived its parent"

@@ -10,7 +10,28 @@ import sys
 from pathlib import Path
 
 
+PR_SET_PDEATHSIG = 1
+"""prctl option (linux/prctl.h): a signal this process gets when its parent dies."""
+
+
+def die_with_parent() -> None:
+    """The `p2pfed` command that started this process forwards Ctrl+C and SIGTERM; if it is
+    killed outright (SIGKILL, a timeout), this process must not live on holding every peer.
+    The parent names itself (P2PFED_PARENT_PID): it may have died while this one loaded torch."""
+    import ctypes
+    import ctypes.util
+    import signal
+
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    parent = os.environ.get("P2PFED_PARENT_PID")
+    if parent is not None and str(os.getppid()) != parent:
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     import torch
 
     from p2pfed.checkpoint import CheckpointError
