@@ -4,7 +4,6 @@ prepare, keygen, topology show, report, bench."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -122,9 +121,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 SIMULATOR_ENV = {"MKL_DISABLE_FAST_MM": "1"}
-"""Set before torch loads, so the simulator gets a process of its own. MKL keeps a cache of
-work buffers per thread that calls it, and the simulator's peers are threads: the cache grew
-with every peer (see README, Simulation at scale, for what a peer costs)."""
+"""Read once, when torch loads, so the simulator gets a process of its own: MKL keeps a cache
+of work buffers for every thread that calls it, and the simulator's peers are threads."""
 
 
 def simulate_run(config: Config, resolved: Path) -> int:
@@ -235,7 +233,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"bench: unknown suite {args.suite!r}; expected one of {', '.join(SUITES)}")
     only = [r.strip() for r in args.rows.split(",")] if args.rows else []
     try:
-        path = BenchRun(args.suite, Path(args.out), only, args.fresh, args.tag).run()
+        path = BenchRun(args.suite, Path(args.out), only, args.fresh, args.tag or "").run()
     except (ValueError, RuntimeError) as err:
         print(f"p2pfed bench: {err}", file=sys.stderr)
         return 1
@@ -298,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "micro-benchmarks (default: all)")
     bench.add_argument("--out", default="bench", help="directory for runs/ and results/ (default: bench)")
     bench.add_argument("--fresh", action="store_true", help="rerun rows whose identical config already finished under OUT/runs")
-    bench.add_argument("--tag", default="", type=results_tag,
+    bench.add_argument("--tag", default=None, type=results_tag,  # None: argparse would pass a str default through the type
                        help="name the results <suite>-<date>-TAG (a run of some rows then leaves the day's full table alone)")
     bench.set_defaults(func=cmd_bench)
 

@@ -200,6 +200,7 @@ def test_bench_tag_is_a_plain_file_name_part(tag, ok):
     from p2pfed.cli import build_parser
 
     parser = build_parser()
+    assert parser.parse_args(["bench", "scale"]).tag is None  # no tag: the plain <suite>-<date> name
     if ok:
         assert parser.parse_args(["bench", "scale", "--tag", tag]).tag == tag
     else:
