@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 import sys
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 MMAP_THRESHOLD = 32 << 20
 """Blocks below this come from the reusable heap: an 8M-value adapter's float32 vector
 (glibc's largest setting on 64-bit)."""
@@ -21,8 +21,12 @@ TRIM_THRESHOLD = 512 << 20
 TOP_PAD = 64 << 20
 
 
-def keep_freed_memory() -> bool:
-    """Tune glibc's allocator for this process; False (and nothing changed) elsewhere."""
+def keep_freed_memory(one_arena: bool = False) -> bool:
+    """Tune glibc's allocator for this process; False (and nothing changed) elsewhere.
+    `one_arena` (the simulator): every thread allocates from one heap. glibc otherwise gives
+    each allocating thread a heap of its own that keeps what a freed training step held, so N
+    peer threads would pin N steps' activations; one peer computes at a time, so one heap
+    costs no contention and the next peer's step reuses what the last one freed."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -31,5 +35,5 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(option, value) == 1 for option, value in
-               ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)))
+    options = [(_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)]
+    return all(mallopt(option, value) == 1 for option, value in [*([(_M_ARENA_MAX, 1)] if one_arena else []), *options])

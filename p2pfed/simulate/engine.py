@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from p2pfed.config import Config
+from p2pfed.memory import keep_freed_memory
 from p2pfed.model import load_base, wrap_lora
 from p2pfed.simulate.baton import Baton
 from p2pfed.topology import load_topology
@@ -55,30 +56,6 @@ class Simulation:
                 "rss_base_bytes": self.rss_base_bytes, "rss_peak_bytes": self.rss_peak_bytes}
 
 
-M_ARENA_MAX = -8
-"""glibc's mallopt parameter (malloc.h)."""
-
-
-def one_heap() -> bool:
-    """glibc gives each thread that allocates its own heap (up to 8 per core) and keeps what a
-    freed activation held: N peer threads each taking a training step would pin N steps'
-    activations (~190 MiB each for SmolLM2 at 1x128). One peer computes at a time, so one heap
-    costs no contention, and the next peer's step reuses what the last one freed; the freed
-    blocks stay in the process as a torchrun peer's do (p2pfed.memory), so no step pays page
-    faults for memory the step before handed back. False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    from p2pfed.memory import keep_freed_memory
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_ARENA_MAX, 1)) and keep_freed_memory()
-
-
 def resident_bytes() -> int:
     """This process's resident memory now (Linux /proc; 0 where it cannot be read)."""
     try:
@@ -116,7 +93,7 @@ def simulate(config: Config, device: torch.device | None = None) -> Simulation:
     from p2pfed.peer import run
 
     device = device or torch.device("cpu")
-    one_heap()
+    keep_freed_memory(one_arena=True)
     shared = shared_model(config, device)
     rss_base = resident_bytes()
     hub = LocalHub(config.run.peers, timeout_s=WAIT_S)
