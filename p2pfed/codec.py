@@ -69,7 +69,9 @@ class FloatValues:
 
     def decode(self, data: bytes, count: int) -> torch.Tensor:
         _expect_size(self.name, data, self.size(count), count)
-        return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).view(self.dtype).to(torch.float32)
+        raw = np.frombuffer(data, dtype=np.uint8)
+        # a writable buffer (the transport's receive buffer, owned by this message alone) is read in place
+        return torch.from_numpy(raw if raw.flags.writeable else raw.copy()).view(self.dtype).to(torch.float32)
 
 
 @dataclass

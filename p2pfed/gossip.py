@@ -31,7 +31,7 @@ from p2pfed.secure import FixedPoint, Purpose, SecureError, check_secure_topolog
 from p2pfed.secure import protocol as secure_phases
 from p2pfed.secure.monitor import MaskedSum
 from p2pfed.transport import Transport, TransportTimeout
-from p2pfed.wire import OVERHEAD, Verifier, WireError, payload_digest, seal
+from p2pfed.wire import OVERHEAD, Verifier, WireError, payload_digest, seal_parts
 
 log = logging.getLogger("p2pfed.gossip")
 
@@ -158,7 +158,7 @@ class Averager:
         self.exchanges += 1
         stats.bytes_sent += sum(len(m) for m in outgoing.values())
         start = time.perf_counter()
-        incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial, patience, max_length)
+        incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial, patience, max_length, head=OVERHEAD)
         stats.comm_s += time.perf_counter() - start
         for j, why in sorted(getattr(self.transport, "refused", {}).items()):
             stats.rejected["length"] = stats.rejected.get("length", 0) + 1
@@ -176,8 +176,9 @@ class Averager:
         for j, p in payloads.items():
             if id(p) not in digests:
                 digests[id(p)] = payload_digest(p)
-            sealed[j] = seal(self.identity.signing, self.rank, j, round, step, epoch, codec, p, session=self.session, purpose=purpose,
-                             digest=digests[id(p)])
+            parts = seal_parts(self.identity.signing, self.rank, j, round, step, epoch, codec, p, session=self.session, purpose=purpose,
+                               digest=digests[id(p)])
+            sealed[j] = parts if self.faults is None else bytes(parts)  # fault injection rewrites whole messages
         stats.crypto_s += time.perf_counter() - start
         return sealed
 

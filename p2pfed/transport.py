@@ -2,9 +2,9 @@
 
 The only module that touches `torch.distributed`. A gossip exchange sends each
 out-neighbour its own byte string and receives one from each in-neighbour, in one round
-trip: every message is a frame of an 8-byte length and the payload, and a receiver posts a
-buffer of the largest frame the exchange can carry (its own bound, never a size a sender
-asks for). Collectives here (all-reduce, all-gather) serve the `allreduce` baseline and
+trip: every message goes as its 8-byte length and its bytes (the sender's buffer itself,
+not a copy), posted together, and a receiver posts a buffer of the largest message the
+exchange can carry (its own bound, never a size a sender asks for). Collectives here (all-reduce, all-gather) serve the `allreduce` baseline and
 monitoring only: no aggregate replaces an adapter in gossip mode, and no process acts as
 a server.
 
@@ -22,17 +22,21 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
+from p2pfed.wire import Sealed
+
 Rank = int
 _FRAME_TAG = 1
-_BARE_TAG = 3
+_LENGTH_TAG = 2
 PREFIX = 8
-"""Bytes of a frame's length prefix (little-endian signed 64-bit)."""
+"""Bytes of a message's length (little-endian signed 64-bit), sent before its first `head` bytes."""
+_BARE_TAG = 3
 UNBOUNDED_EXCHANGE = 1 << 26
 """The buffer an exchange called without `max_length` posts (tests only: gossip always bounds)."""
 
@@ -97,7 +101,7 @@ class Transport(Protocol):
     """After each exchange: the senders whose length prefix was refused, and why."""
 
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
-                 patience: int = 1, max_length: int | None = None) -> dict[Rank, bytes]:
+                 patience: int = 1, max_length: int | None = None, head: int = 0) -> dict[Rank, bytes]:
         """Send `outgoing[j]` to each j, receive one message from each of `incoming_from`.
 
         A neighbour silent past `patience` timeouts raises TransportTimeout naming it; with
@@ -105,7 +109,9 @@ class Transport(Protocol):
         (A later phase of a protocol waits longer: its senders may each have waited out an
         earlier phase.) A message announced longer than `max_length` (the largest envelope
         this exchange can carry) is refused before any buffer is allocated: it is left out
-        of the result and named in `refused`.
+        of the result and named in `refused`. `head`: where every message of this exchange splits
+        into a part per receiver and a part the receivers share (an envelope's header and
+        signature, then its payload: `p2pfed.wire.Sealed`), so the shared part is sent as is.
         """
         ...
 
@@ -154,37 +160,58 @@ class TorchTransport:
         self.refused: dict[Rank, str] = {}
 
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
-                 patience: int = 1, max_length: int | None = None) -> dict[Rank, bytes]:
+                 patience: int = 1, max_length: int | None = None, head: int = 0) -> dict[Rank, bytes]:
         # A point-to-point stream cannot skip a message (a late one would be read as the next),
         # so `partial` does not apply here: a silent neighbour stops this peer, naming it.
         with _terminable():
-            return self._exchange(outgoing, incoming_from, tag, time.monotonic() + self.timeout_s * patience, max_length)
+            return self._exchange(outgoing, incoming_from, tag, time.monotonic() + self.timeout_s * patience, max_length, head)
 
     def _exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, deadline: float,
-                  max_length: int | None) -> dict[Rank, bytes]:
-        # One round trip: frames out, and per sender a buffer of this exchange's largest frame.
+                  max_length: int | None, head: int) -> dict[Rank, bytes]:
+        # One round trip, two messages per neighbour posted together: the length and the first
+        # `head` bytes, then the rest (a payload shared by all receivers goes from one tensor).
+        # Per sender one buffer of this exchange's largest message (never a size a sender asks
+        # for), the rest received in place after the head: a message is read without a copy.
         bound = UNBOUNDED_EXCHANGE if max_length is None else max_length
-        sent = {j: self._frame(b) for j, b in outgoing.items()}
-        # zeroed: gloo does not say how many bytes arrived, so a short frame must read as zeros, never stale memory
-        received = {j: torch.zeros(PREFIX + bound, dtype=torch.uint8, device=self.device) for j in incoming_from}
-        self._wait([("deliver to", j, dist.isend(t, dst=j, tag=_tag(tag, _FRAME_TAG))) for j, t in sent.items()]
-                   + [("hear from", j, dist.irecv(t, src=j, tag=_tag(tag, _FRAME_TAG))) for j, t in received.items()], deadline)
+        head = min(head, bound)
+        sends: list[tuple[str, Rank, dist.Work]] = []
+        shared: dict[int, torch.Tensor] = {}
+        for j, data in outgoing.items():
+            whole = data if isinstance(data, Sealed) and len(data.head) == head else None
+            first, rest = (whole.head, whole.payload) if whole is not None else (memoryview(bytes(data))[:head], memoryview(bytes(data))[head:])
+            front = torch.zeros(PREFIX + head, dtype=torch.uint8)
+            front[:PREFIX] = torch.tensor([announced_length(data)], dtype=torch.int64).view(torch.uint8)
+            front[PREFIX:PREFIX + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8) if len(first) else front[:0]
+            if id(rest) not in shared:
+                shared[id(rest)] = self._body(rest)
+            sends += [("deliver to", j, dist.isend(front.to(self.device), dst=j, tag=_tag(tag, _LENGTH_TAG))),
+                      ("deliver to", j, dist.isend(shared[id(rest)], dst=j, tag=_tag(tag, _FRAME_TAG)))]
+        fronts = {j: torch.zeros(PREFIX + head, dtype=torch.uint8, device=self.device) for j in incoming_from}
+        # zeroed: gloo does not say how many bytes arrived, so a short message must read as zeros, never stale memory
+        received = {j: torch.zeros(max(bound, head + 1), dtype=torch.uint8, device=self.device) for j in incoming_from}
+        self._wait(sends + [("hear from", j, dist.irecv(t, src=j, tag=_tag(tag, _LENGTH_TAG))) for j, t in fronts.items()]
+                   + [("hear from", j, dist.irecv(t[head:], src=j, tag=_tag(tag, _FRAME_TAG))) for j, t in received.items()], deadline)
         self.refused, messages = {}, {}
-        for j, frame in received.items():
-            view = memoryview(frame.cpu().numpy())
-            length = int.from_bytes(view[:PREFIX], "little", signed=True)
+        for j, buffer in received.items():
+            front = fronts[j].cpu()
+            length = int(front[:PREFIX].view(torch.int64).item())
             if why := length_refusal(j, length, bound):
                 self.refused[j] = why
-            else:
-                messages[j] = view[PREFIX:PREFIX + length]  # a view of the receive buffer: no copy of a large message
+                continue
+            message = buffer.cpu()
+            message[:head] = front[PREFIX:]
+            # a view of the receive buffer, which belongs to this message alone: no copy of a large message
+            messages[j] = memoryview(message.numpy())[:length]
         return messages
 
-    def _frame(self, data: bytes) -> torch.Tensor:
-        """The announced length (honestly len(data)) and the bytes, as one tensor to send."""
-        frame = bytearray(PREFIX + len(data))
-        frame[:PREFIX] = announced_length(data).to_bytes(PREFIX, "little", signed=True)
-        frame[PREFIX:] = data
-        return torch.frombuffer(frame, dtype=torch.uint8).to(self.device)
+    def _body(self, data: bytes | memoryview) -> torch.Tensor:
+        """The bytes to send as a tensor sharing the sender's buffer (gloo only reads it, so a
+        read-only one is fine); one zero byte for none (the receiver always posts a receive)."""
+        if not len(data):
+            return torch.zeros(1, dtype=torch.uint8, device=self.device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(data, dtype=torch.uint8).to(self.device)
 
     def all_reduce_sum(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         work = tensor.detach().to(self.device, dtype=dtype or tensor.dtype, copy=True)
@@ -293,7 +320,7 @@ class LocalTransport:
         self.refused: dict[Rank, str] = {}
 
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
-                 patience: int = 1, max_length: int | None = None) -> dict[Rank, bytes]:
+                 patience: int = 1, max_length: int | None = None, head: int = 0) -> dict[Rank, bytes]:
         got = self._exchange(outgoing, incoming_from, tag, partial, patience)
         self.refused = {j: why for j, data in got.items() if (why := length_refusal(j, announced_length(data), max_length))}
         return {j: data for j, data in got.items() if j not in self.refused}

@@ -59,14 +59,37 @@ class Header:
     session: bytes = NO_SESSION
 
 
-def seal(key: Ed25519PrivateKey, sender: int, receiver: int, round: int, step: int, epoch: int, codec: int, payload: bytes,
-         *, session: bytes = NO_SESSION, purpose: int = 0, digest: bytes | None = None) -> bytes:
-    """Serialise and sign: header || signature(header) || payload. The session (drawn at every
-    process start) and the purpose bind the message to one run attempt and one use. `digest`:
-    `payload_digest(payload)` when the caller already has it (one payload for many receivers)."""
+@dataclass(frozen=True)
+class Sealed:
+    """A sealed message in two pieces, header + signature and payload, so that one payload
+    goes to every receiver without a copy per receiver. `bytes(sealed)` joins them (the
+    in-process transport and fault injection work on whole messages)."""
+
+    head: bytes
+    payload: bytes | memoryview
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.payload)
+
+    def __bytes__(self) -> bytes:
+        return self.head + bytes(self.payload)
+
+
+def seal_parts(key: Ed25519PrivateKey, sender: int, receiver: int, round: int, step: int, epoch: int, codec: int,
+               payload: bytes | memoryview, *, session: bytes = NO_SESSION, purpose: int = 0, digest: bytes | None = None) -> Sealed:
+    """Serialise and sign: header || signature(header), and the payload beside them (not copied).
+    The session (drawn at every process start) and the purpose bind the message to one run
+    attempt and one use. `digest`: `payload_digest(payload)` when the caller already has it
+    (one payload for many receivers)."""
     header = HEADER_STRUCT.pack(MAGIC, VERSION, codec, purpose, sender, receiver, round, step, epoch, len(payload),
                                 digest or payload_digest(payload), session)
-    return header + key.sign(header) + payload
+    return Sealed(header + key.sign(header), payload)
+
+
+def seal(key: Ed25519PrivateKey, sender: int, receiver: int, round: int, step: int, epoch: int, codec: int, payload: bytes,
+         *, session: bytes = NO_SESSION, purpose: int = 0, digest: bytes | None = None) -> bytes:
+    """`seal_parts` as one byte string: header || signature(header) || payload."""
+    return bytes(seal_parts(key, sender, receiver, round, step, epoch, codec, payload, session=session, purpose=purpose, digest=digest))
 
 
 def parse(data: bytes | memoryview, max_payload: int) -> tuple[Header, memoryview, memoryview, memoryview]:

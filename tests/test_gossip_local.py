@@ -23,9 +23,10 @@ class Tampering:
     def __init__(self, inner):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
 
-    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1, max_length=None):
-        bad = {j: m[:-1] + bytes([m[-1] ^ 0x01]) for j, m in outgoing.items()}
-        got = self.inner.exchange(bad, incoming_from, tag, partial, patience, max_length)
+    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1, max_length=None, head=0):
+        whole = {j: bytes(m) for j, m in outgoing.items()}  # a sealed message may come in two parts (wire.Sealed)
+        bad = {j: m[:-1] + bytes([m[-1] ^ 0x01]) for j, m in whole.items()}
+        got = self.inner.exchange(bad, incoming_from, tag, partial, patience, max_length, head)
         self.refused = self.inner.refused
         return got
 

@@ -124,10 +124,10 @@ class Fuzzer:
         self.inner, self.key, self.plan = inner, key, list(plan)
         self.rank, self.world_size, self.refused = inner.rank, inner.world_size, {}
 
-    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1, max_length=None):
+    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1, max_length=None, head=0):
         mutation, blob, number = self.plan.pop(0) if self.plan else ("none", b"", 0)
-        outgoing = {j: self.mutate(m, mutation, blob, number) for j, m in outgoing.items()}
-        got = self.inner.exchange(outgoing, incoming_from, tag, partial, patience, max_length)
+        outgoing = {j: self.mutate(bytes(m), mutation, blob, number) for j, m in outgoing.items()}  # wire.Sealed joined
+        got = self.inner.exchange(outgoing, incoming_from, tag, partial, patience, max_length, head)
         self.refused = self.inner.refused
         return got
 

@@ -101,7 +101,7 @@ def test_what_a_real_sender_puts_on_the_wire_is_indistinguishable_from_uniform(t
             send = transport.exchange
 
             def record(outgoing, *args, **kwargs):
-                captured.setdefault("data", dict(outgoing))  # the first exchange is the data phase
+                captured.setdefault("data", {j: bytes(m) for j, m in outgoing.items()})  # the first exchange is the data phase
                 return send(outgoing, *args, **kwargs)
 
             transport.exchange = record

@@ -51,10 +51,11 @@ class Tap:
         self.seen: list[tuple[int, int, bytes]] = []
         self.raw: list[bytes] = []
 
-    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1, max_length=None):
+    def exchange(self, outgoing, incoming_from, tag, partial=False, patience=1, max_length=None, head=0):
+        outgoing = {j: bytes(m) for j, m in outgoing.items()}  # a sealed message may come in two parts (wire.Sealed)
         if self.rewrite is not None:
             outgoing = {j: self.rewrite(self, j, m) for j, m in outgoing.items()}
-        got = self.inner.exchange(outgoing, incoming_from, tag, partial, patience, max_length)
+        got = self.inner.exchange(outgoing, incoming_from, tag, partial, patience, max_length, head)
         self.refused = self.inner.refused
         self.seen += [(j, HEADER_STRUCT.unpack_from(m)[2], m[OVERHEAD:]) for j, m in got.items()]
         self.raw += list(got.values())
@@ -189,7 +190,7 @@ def test_an_eavesdropper_summing_every_receivers_ring_messages_learns_nothing():
 
     class Wiretap(Tap):
         def exchange(self, outgoing, *args, **kwargs):
-            wire.extend(outgoing.values())
+            wire.extend(bytes(m) for m in outgoing.values())
             return super().exchange(outgoing, *args, **kwargs)
 
     def peer(rank):

@@ -43,7 +43,7 @@ class SimTransport:
             self.resumed = time.perf_counter()
 
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
-                 patience: int = 1, max_length: int | None = None) -> dict[Rank, bytes]:
+                 patience: int = 1, max_length: int | None = None, head: int = 0) -> dict[Rank, bytes]:
         def call() -> dict[Rank, bytes]:
             net, latency = self.network, self.network.section.latency_ms / 1e3
             leaves = self.clock.now
@@ -52,7 +52,7 @@ class SimTransport:
                 self.sent += 1
                 retries = net.lost_tries(self.rank, j, tag, self.sent) * net.section.retransmit_ms / 1e3
                 net.post(self.rank, j, tag, leaves + latency + retries)
-            got = self.inner.exchange(outgoing, incoming_from, tag, partial, patience, max_length)
+            got = self.inner.exchange(outgoing, incoming_from, tag, partial, patience, max_length, head)
             arrivals = [a for j in incoming_from if (a := net.arrival(j, self.rank, tag)) is not None]
             self.clock.wait_until(max([leaves, *arrivals]))
             return got
