@@ -180,12 +180,15 @@ class TorchTransport:
             whole = data if isinstance(data, Sealed) and len(data.head) == head else None
             first, rest = (whole.head, whole.payload) if whole is not None else (memoryview(bytes(data))[:head], memoryview(bytes(data))[head:])
             front = torch.zeros(PREFIX + head, dtype=torch.uint8)
-            front[:PREFIX] = torch.tensor([announced_length(data)], dtype=torch.int64).view(torch.uint8)
+            front[:PREFIX] = torch.frombuffer(bytearray(announced_length(data).to_bytes(PREFIX, "little", signed=True)), dtype=torch.uint8)
             front[PREFIX:PREFIX + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8) if len(first) else front[:0]
-            if id(rest) not in shared:
-                shared[id(rest)] = self._body(rest)
+            # one tensor per shared payload (`outgoing` keeps it alive, so its id is not reused mid-loop)
+            if whole is None:
+                body = self._body(rest)
+            elif (body := shared.get(id(whole.payload))) is None:
+                body = shared[id(whole.payload)] = self._body(rest)
             sends += [("deliver to", j, dist.isend(front.to(self.device), dst=j, tag=_tag(tag, _LENGTH_TAG))),
-                      ("deliver to", j, dist.isend(shared[id(rest)], dst=j, tag=_tag(tag, _FRAME_TAG)))]
+                      ("deliver to", j, dist.isend(body, dst=j, tag=_tag(tag, _FRAME_TAG)))]
         fronts = {j: torch.zeros(PREFIX + head, dtype=torch.uint8, device=self.device) for j in incoming_from}
         # zeroed: gloo does not say how many bytes arrived, so a short message must read as zeros, never stale memory
         received = {j: torch.zeros(max(bound, head + 1), dtype=torch.uint8, device=self.device) for j in incoming_from}
@@ -194,7 +197,7 @@ class TorchTransport:
         self.refused, messages = {}, {}
         for j, buffer in received.items():
             front = fronts[j].cpu()
-            length = int(front[:PREFIX].view(torch.int64).item())
+            length = int.from_bytes(front[:PREFIX].numpy().tobytes(), "little", signed=True)
             if why := length_refusal(j, length, bound):
                 self.refused[j] = why
                 continue
