@@ -2,10 +2,13 @@
 
 The only module that touches `torch.distributed`. A gossip exchange sends each
 out-neighbour its own byte string and receives one from each in-neighbour, in one round
-trip: every message goes as its 8-byte length and its bytes (the sender's buffer itself,
-not a copy), posted together, and a receiver posts a buffer of the largest message the
-exchange can carry (its own bound, never a size a sender asks for). Collectives here (all-reduce, all-gather) serve the `allreduce` baseline and
-monitoring only: no aggregate replaces an adapter in gossip mode, and no process acts as
+trip: every message goes as two pieces posted together, its 8-byte length with its first
+`head` bytes (an envelope's header and signature), then the rest (the payload, sent from the
+sender's buffer, one for all receivers), and a receiver posts a buffer of the largest
+message the exchange can carry (its own bound, never a size a sender asks for) and receives
+the rest in place after the head. Collectives here (all-reduce, all-gather) serve the
+`allreduce` baseline and monitoring only: no aggregate replaces an adapter in gossip mode,
+and no process acts as
 a server.
 
 What gloo itself does not let a receiver refuse: a message longer than the buffer it
@@ -34,9 +37,9 @@ from p2pfed.wire import Sealed
 Rank = int
 _FRAME_TAG = 1
 _LENGTH_TAG = 2
+_BARE_TAG = 3
 PREFIX = 8
 """Bytes of a message's length (little-endian signed 64-bit), sent before its first `head` bytes."""
-_BARE_TAG = 3
 UNBOUNDED_EXCHANGE = 1 << 26
 """The buffer an exchange called without `max_length` posts (tests only: gossip always bounds)."""
 
@@ -177,17 +180,17 @@ class TorchTransport:
         sends: list[tuple[str, Rank, dist.Work]] = []
         shared: dict[int, torch.Tensor] = {}
         for j, data in outgoing.items():
-            whole = data if isinstance(data, Sealed) and len(data.head) == head else None
-            first, rest = (whole.head, whole.payload) if whole is not None else (memoryview(bytes(data))[:head], memoryview(bytes(data))[head:])
-            front = torch.zeros(PREFIX + head, dtype=torch.uint8)
-            front[:PREFIX] = torch.frombuffer(bytearray(announced_length(data).to_bytes(PREFIX, "little", signed=True)), dtype=torch.uint8)
-            front[PREFIX:PREFIX + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8) if len(first) else front[:0]
-            # one tensor per shared payload (`outgoing` keeps it alive, so its id is not reused mid-loop)
-            if whole is None:
-                body = self._body(rest)
-            elif (body := shared.get(id(whole.payload))) is None:
-                body = shared[id(whole.payload)] = self._body(rest)
-            sends += [("deliver to", j, dist.isend(front.to(self.device), dst=j, tag=_tag(tag, _LENGTH_TAG))),
+            if isinstance(data, Sealed) and len(data.head) == head:
+                # one tensor per shared payload, keyed by the object `outgoing` keeps alive (its id is not reused mid-loop)
+                first, rest, key = data.head, data.payload, id(data.payload)
+            else:
+                whole = memoryview(bytes(data))
+                first, rest, key = whole[:head], whole[head:], None
+            front = bytearray(announced_length(data).to_bytes(PREFIX, "little", signed=True) + bytes(first)).ljust(PREFIX + head, b"\0")
+            body = shared[key] if key in shared else self._body(rest)
+            if key is not None:
+                shared[key] = body
+            sends += [("deliver to", j, dist.isend(torch.frombuffer(front, dtype=torch.uint8).to(self.device), dst=j, tag=_tag(tag, _LENGTH_TAG))),
                       ("deliver to", j, dist.isend(body, dst=j, tag=_tag(tag, _FRAME_TAG)))]
         fronts = {j: torch.zeros(PREFIX + head, dtype=torch.uint8, device=self.device) for j in incoming_from}
         # zeroed: gloo does not say how many bytes arrived, so a short message must read as zeros, never stale memory
