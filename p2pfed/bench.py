@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfed.benchcomm import COMMUNICATION_ROWS
+from p2pfed.benchexchange import EXCHANGE_ROWS
 from p2pfed.benchprivacy import PRIVACY_ROWS
 from p2pfed.benchrow import Row
 from p2pfed.benchscale import SCALE_ROWS
@@ -56,7 +57,8 @@ class Suite:
     'secure' (masking against the plain row of its graph), 'sweep' (the best row), 'privacy'
     (the smallest epsilon within 5% of the no-DP row), 'communication' (>= 100x fewer bytes
     within 1% of allreduce), 'robust' or
-    'convergence' (the full suite's four goals), 'scale' (the simulator: memory, speed, consensus)."""
+    'convergence' (the full suite's four goals), 'scale' (the simulator: memory, speed, consensus),
+    'exchange' (the whole gossip exchange against a bare send/recv: p2pfed.benchexchange)."""
     scaling: tuple[Scaling, ...] = ()
     micro: str = ""
     """Micro-benchmark size: '' (none), 'quick' or 'full'."""
@@ -151,6 +153,8 @@ SUITES = {
                      "ring): perplexity against epsilon", PRIVACY_ROWS, ("run.eval_every=12",), judge="privacy"),
     "communication": Suite("launch/configs/demo.toml", "communication to quality on the demo task (SmolLM2-135M, 4 peers, ring): "
                            "48 local steps per peer in every row, H a round", COMMUNICATION_ROWS, judge="communication"),
+    "exchange": Suite("", "the whole gossip exchange against a bare send/recv of the same bytes (torchrun peers on a ring, "
+                      "no model: a SmolLM2-sized and a 7B-class LoRA-sized vector)", EXCHANGE_ROWS, judge="exchange"),  # type: ignore[arg-type]
     "scale": Suite(TINY_AND_SMOLLM2, "the simulator (`p2pfed simulate`): memory and peer-steps/s against torchrun, 1,024 tiny and 256 "
                    "SmolLM2 peers, consensus per round at 16-1,024 peers against the mixing matrices, an emulated 100 ms / 10 Mbit/s ring",
                    SCALE_ROWS, judge="scale"),
@@ -254,6 +258,20 @@ class BenchRun:
             print(f"[bench] {err}", file=sys.stderr, flush=True)
             return {"name": row.name, "error": str(err).splitlines()[-1][:200], "wall_s": 0.0}
 
+    def exchange_row(self, index: int, total: int, row: Any) -> dict[str, Any]:
+        """An exchange row's figures (never reused: a row takes seconds); a failure is a table line."""
+        from p2pfed.benchexchange import run_exchange_row
+
+        print(f"[bench] {self.suite_name} {index}/{total} {row.name}", flush=True)
+        try:
+            result = run_exchange_row(row)
+        except RuntimeError as err:
+            print(f"[bench] {err}", file=sys.stderr, flush=True)
+            return {"name": row.name, "error": str(err).splitlines()[-1][:200], "wall_s": 0.0}
+        print(f"    whole exchange {result['gossip_s'] * 1e3:.1f} ms, bare send/recv {result['bare_s'] * 1e3:.1f} ms: "
+              f"{result['ratio']:.2f}x", flush=True)
+        return result
+
     def run(self) -> Path:
         from p2pfed.benchtables import write_results
         from p2pfed.microbench import run_micro
@@ -265,6 +283,8 @@ class BenchRun:
             results = self.run_robust(rows)
         elif suite.judge == "scale":
             results = [self.scale_row(i, len(rows), row) for i, row in enumerate(rows, start=1)]
+        elif suite.judge == "exchange":
+            results = [self.exchange_row(i, len(rows), row) for i, row in enumerate(rows, start=1)]
         else:
             results = [convergence_figures(row, self.run_row(self.suite_name, i, len(rows), row, suite.base, suite.common))
                        for i, row in enumerate(rows, start=1)]

@@ -273,7 +273,11 @@ def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]]
             f"the runs took {sum(r.get('wall_s', 0.0) for r in [*results, *scaling]) / 60:.0f} min in all "
             f"(this invocation {wall_s / 60:.0f} min: finished runs of the identical config and the same clean commit are reused).", "",
             code_line([*results, *scaled_code(scaling)], micro), ""]
-    if suite.judge == "scale":
+    if suite.judge == "exchange":
+        from p2pfed.benchexchange import EXCHANGE_NOTE, exchange_table
+
+        text += [exchange_table(results), "", EXCHANGE_NOTE, ""]
+    elif suite.judge == "scale":
         from p2pfed.benchscale import scale_sections
 
         text += scale_sections(results, directory, stamp, suite_name)

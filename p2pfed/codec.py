@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,8 +65,13 @@ class FloatValues:
     def size(self, count: int) -> int:
         return count * torch.empty(0, dtype=self.dtype).element_size()
 
-    def encode(self, values: torch.Tensor) -> bytes:
-        return values.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy().tobytes()
+    def encode(self, values: torch.Tensor) -> bytes | memoryview:
+        """The values' bytes; fp32 values already on the CPU in one piece are not copied: a read-only
+        view of them is the payload (it keeps them alive, and the exchange reads it before it returns)."""
+        values = values.detach()
+        if values.dtype == self.dtype == torch.float32 and values.device.type == "cpu" and values.is_contiguous() and sys.byteorder == "little":
+            return memoryview(values.numpy()).cast("B").toreadonly()
+        return values.to("cpu", self.dtype).contiguous().view(torch.uint8).numpy().tobytes()
 
     def decode(self, data: bytes, count: int) -> torch.Tensor:
         _expect_size(self.name, data, self.size(count), count)

@@ -34,15 +34,37 @@ class MixingRule(Protocol):
         ...
 
 
+SLICE = 1 << 18
+"""Values per slice of a fused pass (1 MiB of fp32): the slices of the own vector, the
+neighbours' and the result stay in cache while every operation on them runs."""
+
+
 class WeightedAverage:
     """Plain gossip: W_ii x_i + sum_j W_ij x_j, a missing neighbour's weight going to self."""
 
     def mix(self, own: torch.Tensor, heard: dict[int, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-        self_weight = 1.0 - sum(float(weights[j]) for j in heard)
-        mixed = own * self_weight
-        for j in sorted(heard):
-            mixed.add_(heard[j], alpha=float(weights[j]))
-        return mixed
+        return self.mix_with_distance(own, heard, weights)[0]
+
+    def mix_with_distance(self, own: torch.Tensor, heard: dict[int, torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The mix and the local consensus estimate 1/2 sum_j W_ij |x_i - x_j|^2 in one pass, slice
+        by slice: each vector is read from memory once, where a whole-vector operation at a time
+        reads each one per operation (and needs a temporary the size of the adapter). Each value of
+        the mix is computed by the same operations in the same order as over whole vectors."""
+        order = sorted(heard)
+        alphas = [float(weights[j]) for j in order]
+        mixed = torch.empty_like(own)
+        difference = torch.empty(min(SLICE, own.numel()), dtype=own.dtype)
+        squares = [0.0] * len(order)
+        for start in range(0, own.numel(), SLICE):
+            end = min(own.numel(), start + SLICE)
+            mine, out, gap = own[start:end], mixed[start:end], difference[: end - start]
+            torch.mul(mine, 1.0 - sum(alphas), out=out)
+            for k, j in enumerate(order):
+                theirs = heard[j][start:end]
+                out.add_(theirs, alpha=alphas[k])
+                torch.sub(mine, theirs, out=gap)
+                squares[k] += float(torch.dot(gap, gap))
+        return mixed, 0.5 * sum(alpha * square for alpha, square in zip(alphas, squares))
 
 
 @dataclass(frozen=True)

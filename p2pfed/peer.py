@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m p2pfed.peer CONFIG [section.key=value ...]", file=sys.stderr)
         return 2
     rank = os.environ.get("RANK", "?")
-    keep_freed_memory()
+    keep_freed_memory(large_blocks=True)
     try:
         config = load_config(argv[0], argv[1:])
         if config.run.engine == "simulate":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,8 @@ class ExchangeProbe:
     probes: int
     plain_s: float | None = None
     """Secure mode: median seconds of a plain (unmasked) exchange of the same adapter."""
+    stages: dict[str, float] = field(default_factory=dict)
+    """Median seconds of each part of the gossip exchange (RoundStats' codec_s, crypto_s, mask_s, comm_s, mix_s)."""
 
     @property
     def ratio(self) -> float:
@@ -44,6 +46,7 @@ def probe_exchange(averager: Averager, transport: TorchTransport, vector: torch.
     """Time `probes` gossip exchanges (rounds first_round, first_round+1, ...) against bare ones."""
     assert averager.topology is not None, "probes time neighbour gossip"
     rank, gossip_times, bare_times, plain_times, size = transport.rank, [], [], [], 0
+    stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
     twin = plain_twin(averager)
     for k in range(probes):
         round = first_round + k
@@ -59,6 +62,8 @@ def probe_exchange(averager: Averager, transport: TorchTransport, vector: torch.
         start = time.perf_counter()
         _, stats = averager.average(sent, round, purpose=Purpose.PROBE)
         gossip_times.append(time.perf_counter() - start)
+        for stage, seconds in stages.items():
+            seconds.append(getattr(stats, stage))
         receivers = averager.topology.out_neighbours(rank, round)
         senders = averager.topology.in_neighbours(rank, round)
         mine = stats.bytes_sent // max(1, len(receivers))
@@ -68,7 +73,11 @@ def probe_exchange(averager: Averager, transport: TorchTransport, vector: torch.
         transport.barrier()
         bare_times.append(transport.bare_exchange(size, receivers, senders))
     plain = statistics.median(plain_times) if plain_times else None
-    return ExchangeProbe(statistics.median(gossip_times), statistics.median(bare_times), size, probes, plain)
+    return ExchangeProbe(statistics.median(gossip_times), statistics.median(bare_times), size, probes, plain,
+                         {stage: statistics.median(seconds) for stage, seconds in stages.items()})
+
+
+STAGES = ("codec_s", "crypto_s", "mask_s", "comm_s", "mix_s")
 
 
 def largest_envelope(averager: Averager, vector: torch.Tensor) -> int:

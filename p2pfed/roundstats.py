@@ -23,7 +23,7 @@ class RoundStats:
     mask_s: float = 0.0
     """Secure mode: generating pairwise masks (AES-256-CTR keystreams)."""
     mix_s: float = 0.0
-    """Combining the adapters heard (the mixing rule)."""
+    """Combining the adapters heard (the mixing rule) and the local consensus estimate."""
     clipped: int = 0
     """Secure mode: values clipped to the fixed-point bound."""
     dropouts: int = 0

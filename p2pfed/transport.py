@@ -246,7 +246,9 @@ class TorchTransport:
         `receive_from` with plain isend/irecv: no lengths, envelope, codec or crypto. The
         baseline that benchmark probes compare a gossip exchange with."""
         outgoing = [torch.zeros(size, dtype=torch.uint8, device=self.device) for _ in send_to]
-        incoming = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in receive_from]
+        # zeros, not empty: the pages are touched before timing, so a large baseline does not
+        # count the page faults of fresh memory that moving the bytes itself would not need
+        incoming = [torch.zeros(size, dtype=torch.uint8, device=self.device) for _ in receive_from]
         start = time.perf_counter()
         works = [dist.isend(t, dst=j, tag=_BARE_TAG) for t, j in zip(outgoing, send_to)]
         works += [dist.irecv(t, src=j, tag=_BARE_TAG) for t, j in zip(incoming, receive_from)]
