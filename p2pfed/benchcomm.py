@@ -12,6 +12,9 @@ from p2pfed.benchrow import Row
 TOTAL_STEPS = 48
 OUTER = ("outer.enabled=true", "outer.lr=0.7", "outer.momentum=0.9")
 SPARSE = ("gossip.codec=topk+int2", "gossip.error_feedback=on")
+INT4_DELTAS = ("gossip.codec=int4", "gossip.error_feedback=on")
+"""With error feedback every message is the change since the last one (from the common start),
+so int4's rounding error is relative to a round's update, not to the whole adapter."""
 
 
 def every(h: int, *more: str) -> tuple[str, ...]:
@@ -29,6 +32,7 @@ COMMUNICATION_ROWS = (
     Row("H=4, outer Nesterov, top-k 2% + int2, error feedback", every(4, *OUTER, *SPARSE, "codec.fraction=0.02")),
     Row("H=8, outer Nesterov, top-k 2% + int2, error feedback", every(8, *OUTER, *SPARSE, "codec.fraction=0.02")),
     Row("H=16, outer Nesterov, top-k 1% + int2, error feedback", every(16, *OUTER, *SPARSE, "codec.fraction=0.01")),
+    *(Row(f"H={h}, int4, error feedback", every(h, *INT4_DELTAS)) for h in (8, 16)),
 )
 """Row 1 is the reference (exact averaging every step), row 2 what the ratio is taken against."""
 MAX_GAP_PCT, FEWER_BYTES = 1.0, 100.0
