@@ -201,6 +201,11 @@ class GossipSection:
     neighbours' adapters (see [secure] for the fixed-point encoding)."""
     timeout_s: float = 300.0
     """How long a peer waits for its neighbours before giving up."""
+    deadline_s: float = 0.0
+    """0 (the default): every exchange waits for all neighbours (lockstep). > 0: deadline
+    gossip: neighbours' messages are received in the background, an exchange takes those that
+    arrive within deadline_s seconds, and a late neighbour's weight goes to the peer's own
+    term (plain gossip on a static topology only; see README, When things fail)."""
     robust: str = "none"
     """Byzantine-robust mixing of decoded neighbour values: 'none' (weighted average),
     'clip' (ClippedGossip: self-centred clipping, adaptive radius), 'trimmed'
@@ -233,6 +238,9 @@ class GossipSection:
                               "error feedback); use 'auto' or 'on', or algorithm = 'plain'")
         if self.timeout_s <= 0:
             raise ConfigError(f"[gossip] timeout_s: expected a positive number, got {self.timeout_s}")
+        if not 0.0 <= self.deadline_s < self.timeout_s:
+            raise ConfigError(f"[gossip] deadline_s: expected 0 (wait for every neighbour) or a number of seconds below timeout_s "
+                              f"({self.timeout_s:g}), got {self.deadline_s}")
         if self.secure:
             self._check_secure(parse_spec(self.codec))
 
@@ -327,7 +335,7 @@ class IdentitySection:
 
 
 FAULT_KINDS = ("flip", "foreign_key", "replay", "misaddress", "abstain", "crash", "nan", "scale", "signflip", "noise", "alie",
-               "shortpayload", "hugelength")
+               "shortpayload", "hugelength", "slow")
 VALUE_FAULTS = ("nan", "scale", "signflip", "noise", "alie")
 """Fault kinds that change the adapter a faulty peer sends, under a valid signature."""
 
@@ -348,7 +356,9 @@ class FaultSection:
     'signflip' (-adapter), 'noise' (+ Gaussian noise of std strength, default 1),
     'alie' ("a little is enough": the mean of what it heard last round minus strength,
     default 1.5, standard deviations), 'shortpayload' (a truncated payload), 'hugelength'
-    (a length prefix of 2^62 bytes and no payload)."""
+    (a length prefix of 2^62 bytes and no payload). 'slow': a straggler, honest but
+    `strength` times slower (default 3): after its local steps it sleeps (strength - 1) times
+    the time they took."""
     strength: float = 0.0
     """The Byzantine kind's parameter; 0 = its default."""
     from_round: int = 1
@@ -358,6 +368,8 @@ class FaultSection:
     def check(self) -> None:
         _one_of(self, "kind", FAULT_KINDS)
         _positive(self, "from_round")
+        if self.kind == "slow" and self.strength and self.strength < 1:
+            raise ConfigError(f"[faults] strength: a 'slow' peer is strength times slower, so expected a number >= 1, got {self.strength}")
         _at_least(self, 0, "until_round")
 
 
@@ -483,6 +495,10 @@ class Config:
         if self.network.emulated and self.run.engine != "simulate":
             raise ConfigError("[network]: an emulated network is for `p2pfed simulate` (run.engine = 'simulate'); a torchrun run "
                               "has the real one (remove [network])")
+        if self.gossip.deadline_s and (self.gossip.mode != "gossip" or self.run.engine != "torchrun" or self.consensus.target > 0):
+            raise ConfigError("[gossip] deadline_s: deadline gossip is for neighbour gossip under torchrun (gossip.mode = 'gossip', "
+                              "run.engine = 'torchrun') without consensus control (consensus.target = 0): every peer must make "
+                              "the same exchanges")
         if self.run.engine == "simulate" and self.bench.probes:
             raise ConfigError("[bench] probes: bare send/recv probes time a real network; set probes = 0 to simulate")
         if self.run.engine == "simulate" and self.faults.peers and self.faults.kind == "crash":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -20,7 +21,7 @@ from p2pfed.secure.protocol import ABSTAIN
 from p2pfed.transport import LyingLength
 from p2pfed.wire import HEADER_STRUCT, OVERHEAD, seal
 
-DEFAULT_STRENGTH = {"scale": 100.0, "noise": 1.0, "alie": 1.5}
+DEFAULT_STRENGTH = {"scale": 100.0, "noise": 1.0, "alie": 1.5, "slow": 3.0}
 HUGE_LENGTH = 2**62
 
 
@@ -50,6 +51,14 @@ class FaultInjector:
         """kind 'crash': die like `kill -9` at the start of `from_round`, the first time only."""
         if self.kind == "crash" and round == self.from_round and restart == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def straggle(self, compute_s: float, round: int) -> float:
+        """kind 'slow': sleep so that this round's local steps take `strength` times as long; the seconds slept."""
+        if self.kind != "slow" or not self.active(round):
+            return 0.0
+        pause = (self.strength - 1.0) * compute_s
+        time.sleep(pause)
+        return pause
 
     def active(self, round: int) -> bool:
         """Whether metrics `round` (1-based) misbehaves."""

@@ -44,7 +44,7 @@ class Averager:
                  *, algorithm: str = "plain", gamma: float = 0.5, error_feedback: bool = False,
                  initial: torch.Tensor | None = None, secure: FixedPoint | None = None, seed: int = 0,
                  session: bytes | None = None, min_present: int = 2, robust: str = "none", byzantine: int = 1,
-                 away: Callable[[int], frozenset[int]] | None = None) -> None:
+                 away: Callable[[int], frozenset[int]] | None = None, deadline_s: float = 0.0) -> None:
         if mode == "gossip" and (topology is None or identity is None or roster is None):
             raise ValueError("gossip mode needs a topology, this peer's identity and the roster")
         self.transport = transport
@@ -67,6 +67,13 @@ class Averager:
                               "absent sender would leave its public copy out of step: set gossip.error_feedback = 'off'")
         self.away = away
         """Emulated churn (simulation): the peers away in a round (1-based); they send and hear nothing."""
+        self.deadline_s = deadline_s if mode == "gossip" else 0.0
+        """Deadline gossip (p2pfed.stream): wait this long for neighbours' messages; 0: for all of them."""
+        if self.deadline_s and (self.stateful or secure is not None or (topology is not None and topology.period > 1)):
+            raise ConfigError("[gossip] deadline_s: deadline gossip skips a late neighbour's message, so it needs plain gossip on a "
+                              "static topology: not secure mode (a missing sender leaves masks unmatched), not CHOCO or error "
+                              "feedback (public copies would fall out of step; this codec turns it on under 'auto': set "
+                              "gossip.error_feedback = 'off'), and a topology whose neighbours do not change from round to round")
         self.rule = build_rule(robust, byzantine)
         if mode == "gossip" and topology is not None:
             check_topology(robust, byzantine, topology)
@@ -121,6 +128,20 @@ class Averager:
         except TransportTimeout as err:
             raise TransportTimeout(f"round {round + 1}{f' step {step}' if step else ''}: {err}") from None
 
+    def open(self, length: int) -> None:
+        """Before the first round: deadline gossip starts receiving its neighbours' messages of
+        `length`-value adapters (a neighbour that runs ahead is not held up by this peer's training)."""
+        if self.deadline_s and self.topology is not None:
+            self.transport.open_streams(self.topology.in_neighbours(self.rank, 0), self.exchanges + 1,  # type: ignore[attr-defined]
+                                        OVERHEAD + self.codec.max_payload(length), OVERHEAD)
+
+    def finish(self) -> int:
+        """After the last exchange: deadline gossip reads its streams to their ends (every peer
+        calls this), so nothing is left in flight; returns the late messages dropped."""
+        if not self.deadline_s:
+            return 0
+        return self.transport.finish_streams()  # type: ignore[attr-defined]
+
     def monitor(self) -> MaskedSum | None:
         """Secure mode: the masked sum consensus monitoring must use (None: plain sums are fine)."""
         if self.secure is None:
@@ -152,13 +173,21 @@ class Averager:
             self.secure.generator.set_state(state["secure"])
 
     def _exchange(self, outgoing: dict[int, bytes], incoming_from: list[int], stats: RoundStats, max_length: int,
-                  partial: bool = False, patience: int = 1) -> dict[int, bytes]:
-        """One lockstep exchange, timed and counted; a message announced longer than
-        `max_length` (the largest envelope it can carry) is refused before it is received."""
+                  partial: bool = False, patience: int = 1, deadline: bool = False) -> dict[int, bytes]:
+        """One exchange, timed and counted: lockstep, or with `deadline` what arrives within
+        deadline_s (p2pfed.stream). A message announced longer than `max_length` (the largest
+        envelope it can carry) is refused before it is received."""
         self.exchanges += 1
         stats.bytes_sent += sum(len(m) for m in outgoing.values())
         start = time.perf_counter()
-        incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial, patience, max_length, head=OVERHEAD)
+        if deadline:
+            incoming, late, missing = self.transport.deadline_exchange(outgoing, incoming_from, self.exchanges, max_length, OVERHEAD,  # type: ignore[attr-defined]
+                                                                       self.deadline_s)
+            stats.late, stats.missing = stats.late + late, stats.missing + missing
+            if missing:
+                log.info("peer %d: no message from peer(s) %s within the %g s deadline", self.rank, missing, self.deadline_s)
+        else:
+            incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial, patience, max_length, head=OVERHEAD)
         stats.comm_s += time.perf_counter() - start
         for j, why in sorted(getattr(self.transport, "refused", {}).items()):
             stats.rejected["length"] = stats.rejected.get("length", 0) + 1
@@ -306,7 +335,7 @@ class Averager:
         if self.faults is not None:
             outgoing = self.faults.corrupt(outgoing, round + 1)
         stats.bytes_fp32 = len(outgoing) * (OVERHEAD + 4 * vector.numel())
-        incoming = self._exchange(outgoing, senders, stats, OVERHEAD + self.codec.max_payload(vector.numel()))
+        incoming = self._exchange(outgoing, senders, stats, OVERHEAD + self.codec.max_payload(vector.numel()), deadline=bool(self.deadline_s))
 
         heard: dict[int, torch.Tensor] = {}
         for j in senders:  # fixed order: the same inputs give the same bits

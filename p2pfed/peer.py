@@ -165,7 +165,7 @@ class Peer:
                         algorithm=cfg.gossip.algorithm, gamma=cfg.gossip.gamma, error_feedback=feedback,
                         initial=initial, secure=fixed, seed=cfg.run.seed * 100_003 + self.rank,
                         min_present=cfg.secure.min_present, robust=cfg.gossip.robust, byzantine=cfg.gossip.byzantine,
-                        away=cfg.network.away if cfg.network.churn else None)
+                        away=cfg.network.away if cfg.network.churn else None, deadline_s=cfg.gossip.deadline_s)
 
     def say(self, text: str) -> None:
         if self.loud:
@@ -224,6 +224,7 @@ class Peer:
         if cfg.privacy.enabled:
             self.open_privacy(resume)
         _emulated(self.transport)  # the emulated clock's rounds start here
+        self.averager.open(size)  # deadline gossip: receiving starts now, not at the first exchange
         for round in range(resume + 1, self.last_round + 1):
             record = self.one_round(round, writer, restart, resumed_from=resume if round == resume + 1 and resume else None)
             history.append(record)
@@ -239,6 +240,7 @@ class Peer:
         n = len(history)
         total = lambda key: sum(h[key] for h in history)  # noqa: E731
         probe = self.probe() if cfg.bench.probes else {}
+        late = self.averager.finish()  # deadline gossip: its streams read to their ends
         stopped = self.last_round if self.last_round < cfg.run.rounds else None
         privacy = self.privacy.summary(stopped) if self.privacy is not None else {}
         return {
@@ -259,6 +261,8 @@ class Peer:
             "consensus_final": history[-1]["consensus"],
             "gossip_steps": total("gossip_steps"),
             "rejected": sum(sum(h["rejected"].values()) for h in history),
+            "late": sum(h.get("late", 0) for h in history) + late,
+            "missing": sum(len(h.get("missing", [])) for h in history),
             "injected": self.faults.injected if self.faults else 0,
             "crypto_s_per_round": total("crypto_s") / n,
             "mask_s_per_round": total("mask_s") / n,
@@ -347,6 +351,8 @@ class Peer:
         away = self.rank in cfg.network.away(round)  # emulated churn: no steps, no release, no outer step this round
         before = adapter_to_vector(self.model) if (self.privacy is not None or self.outer is not None) and not away else None
         train_loss = self.trainer.train(0 if away else cfg.run.local_steps)
+        if self.faults is not None:  # a straggler: its steps take `strength` times as long
+            self.faults.straggle(time.perf_counter() - started, round)
         compute_s = time.perf_counter() - started
         measure = is_measured(round, cfg.consensus, self.last_round)
         shared, own, privacy = adapter_to_vector(self.model), None, {}

@@ -37,6 +37,10 @@ class RoundStats:
     """Secure mode: exchanges this peer abstained from because its vector was bit-identical
     to one it already sent in this session (two sums of one vector over different present
     senders would differ by one sender's adapter)."""
+    late: int = 0
+    """Deadline gossip: messages of earlier exchanges that arrived after those went on, dropped."""
+    missing: list[int] = field(default_factory=list)
+    """Deadline gossip: senders whose message had not arrived by the deadline (their weight went to self)."""
     local_consensus: float | None = None
     """(1/2) sum_j W_ij ||x_i - x_j||^2 over the neighbours heard (free; before mixing). Its
     mean over peers is Xi^2 exactly for a complete graph with uniform weights."""
@@ -60,6 +64,8 @@ class RoundStats:
             total.dropouts += s.dropouts
             total.inconsistent += s.inconsistent
             total.repeats += s.repeats
+            total.late += s.late
+            total.missing += s.missing
             total.abandoned = total.abandoned or s.abandoned
             for reason, count in s.rejected.items():
                 total.rejected[reason] = total.rejected.get(reason, 0) + count

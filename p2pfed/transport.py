@@ -27,12 +27,15 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
 
 from p2pfed.wire import Sealed
+
+if TYPE_CHECKING:
+    from p2pfed.stream import Streams
 
 Rank = int
 _FRAME_TAG = 1
@@ -48,6 +51,15 @@ def _tag(exchange: int, kind: int) -> int:
     """A tag per exchange and kind, so a payload that was never received (its length was
     refused) can never be matched by a later exchange's receive."""
     return ((exchange % (1 << 24)) << 2) | kind
+
+
+class _EndMarker(bytes):
+    """A stream's end (p2pfed.stream.END as its length, no bytes after the zeroed head)."""
+
+    announced = -1
+
+    def __new__(cls, head: int) -> "_EndMarker":
+        return super().__new__(cls, bytes(head))
 
 
 class LyingLength(bytes):
@@ -161,6 +173,8 @@ class TorchTransport:
         self.device = device or torch.device("cpu")
         self.timeout_s = timeout_s
         self.refused: dict[Rank, str] = {}
+        self.streams: Streams | None = None
+        """Deadline gossip's streams, opened by the first `deadline_exchange`."""
 
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
                  patience: int = 1, max_length: int | None = None, head: int = 0) -> dict[Rank, bytes]:
@@ -178,19 +192,8 @@ class TorchTransport:
         bound = UNBOUNDED_EXCHANGE if max_length is None else max_length
         head = min(head, bound)
         sends: list[tuple[str, Rank, dist.Work]] = []
-        shared: dict[int, torch.Tensor] = {}
-        for j, data in outgoing.items():
-            if isinstance(data, Sealed) and len(data.head) == head:
-                # one tensor per shared payload, keyed by the object `outgoing` keeps alive (its id is not reused mid-loop)
-                first, rest, key = data.head, data.payload, id(data.payload)
-            else:
-                whole = memoryview(bytes(data))
-                first, rest, key = whole[:head], whole[head:], None
-            front = bytearray(announced_length(data).to_bytes(PREFIX, "little", signed=True) + bytes(first)).ljust(PREFIX + head, b"\0")
-            body = shared[key] if key in shared else self._body(rest)
-            if key is not None:
-                shared[key] = body
-            sends += [("deliver to", j, dist.isend(torch.frombuffer(front, dtype=torch.uint8).to(self.device), dst=j, tag=_tag(tag, _LENGTH_TAG))),
+        for j, (front, body) in self._pieces(outgoing, head).items():
+            sends += [("deliver to", j, dist.isend(front, dst=j, tag=_tag(tag, _LENGTH_TAG))),
                       ("deliver to", j, dist.isend(body, dst=j, tag=_tag(tag, _FRAME_TAG)))]
         fronts = {j: torch.zeros(PREFIX + head, dtype=torch.uint8, device=self.device) for j in incoming_from}
         # zeroed: gloo does not say how many bytes arrived, so a short message must read as zeros, never stale memory
@@ -209,6 +212,56 @@ class TorchTransport:
             # a view of the receive buffer, which belongs to this message alone: no copy of a large message
             messages[j] = memoryview(message.numpy())[:length]
         return messages
+
+    def _pieces(self, outgoing: dict[Rank, bytes], head: int) -> dict[Rank, tuple[torch.Tensor, torch.Tensor]]:
+        """Each message as the tensors it travels in: its length and first `head` bytes, then the
+        rest (one tensor for a payload that several receivers share)."""
+        pieces, shared = {}, {}
+        for j, data in outgoing.items():
+            if isinstance(data, Sealed) and len(data.head) == head:
+                # one tensor per shared payload, keyed by the object `outgoing` keeps alive (its id is not reused mid-loop)
+                first, rest, key = data.head, data.payload, id(data.payload)
+            else:
+                whole = memoryview(bytes(data))
+                first, rest, key = whole[:head], whole[head:], None
+            front = bytearray(announced_length(data).to_bytes(PREFIX, "little", signed=True) + bytes(first)).ljust(PREFIX + head, b"\0")
+            body = shared[key] if key in shared else self._body(rest)
+            if key is not None:
+                shared[key] = body
+            pieces[j] = (torch.frombuffer(front, dtype=torch.uint8).to(self.device), body)
+        return pieces
+
+    def open_streams(self, senders: list[Rank], exchange: int, max_length: int, head: int) -> None:
+        """Deadline gossip: start receiving from `senders` before the first exchange, numbered `exchange`."""
+        self._streams().open(senders, exchange, max_length, min(head, max_length))
+
+    def _streams(self) -> Streams:
+        from p2pfed.stream import Streams
+
+        if self.streams is None:
+            self.streams = Streams(self.rank, self.device, self.timeout_s)
+        return self.streams
+
+    def deadline_exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, max_length: int, head: int,
+                          wait_s: float) -> tuple[dict[Rank, memoryview], int, list[Rank]]:
+        """Deadline gossip (p2pfed.stream): send on this peer's streams, take each sender's message of
+        exchange `tag` that arrives within `wait_s`; (messages, late messages dropped, senders missing).
+        Senders whose length is refused are named in `refused`, as after `exchange`."""
+        head = min(head, max_length)
+        with _terminable():
+            result = self._streams().exchange(self._pieces(outgoing, head), incoming_from, tag, max_length, head, wait_s)
+        self.refused = result.refused
+        return result.messages, result.late, result.missing
+
+    def finish_streams(self) -> int:
+        """End deadline gossip's streams (every peer calls it after its last exchange); the late messages dropped."""
+        if self.streams is None or self.streams.shape is None:
+            return 0
+        end = self._pieces({-1: _EndMarker(self.streams.shape[1])}, self.streams.shape[1])[-1]
+        with _terminable():
+            late = self.streams.finish(end)
+        self.streams = None
+        return late
 
     def _body(self, data: bytes | memoryview) -> torch.Tensor:
         """The bytes to send as a tensor sharing the sender's buffer (gloo only reads it, so a

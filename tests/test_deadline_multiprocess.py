@@ -1,0 +1,107 @@
+"""Deadline gossip (p2pfed.stream) over real gloo peers: a late neighbour is left out of the
+round, its late message is dropped when it arrives, the stream is never misread, and a slow
+peer does not slow its neighbours' rounds by more than the deadline."""
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from conftest import ROOT, identities, join_gloo_group, read_jsonl, run_cli, spawn_peers
+from p2pfed.codec import get_codec
+from p2pfed.config import ConfigError, load_config
+from p2pfed.gossip import Averager
+from p2pfed.secure import FixedPoint
+from p2pfed.topology import load_topology
+from p2pfed.transport import LocalHub, LyingLength
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
+BOUND, HEAD = 64, 8
+
+
+def streams_worker(rank: int, world: int, store: str, out: str) -> None:
+    transport, _, _ = join_gloo_group(rank, world, store)
+    other = 1 - rank
+    seen = []
+
+    def exchange(k: int, message: bytes, wait_s: float) -> None:
+        got, late, missing = transport.deadline_exchange({other: message}, [other], k, BOUND, HEAD, wait_s)
+        seen.append({"got": {str(j): bytes(m).decode() for j, m in got.items()}, "late": late, "missing": missing,
+                     "refused": sorted(transport.refused)})
+
+    if rank == 0:  # the slow one: its first message leaves a second after its neighbour's first exchange
+        time.sleep(1.0)
+        exchange(1, b"0:one-----", 5.0)
+        exchange(2, b"0:two-----", 5.0)
+        exchange(3, LyingLength.of(b"0:three---", BOUND + 1), 5.0)  # announces more than the bound
+        exchange(4, b"0:four----", 5.0)
+    else:
+        exchange(1, b"1:one-----", 0.1)  # peer 0 is still asleep: missing
+        time.sleep(2.0)  # now peer 0's first and second messages are both waiting
+        exchange(2, b"1:two-----", 5.0)
+        exchange(3, b"1:three---", 5.0)
+        exchange(4, b"1:four----", 5.0)
+    late_at_end = transport.finish_streams()
+    Path(out, f"{rank}.json").write_text(json.dumps({"seen": seen, "late_at_end": late_at_end}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_streams_take_each_exchange_message_in_order_and_drop_the_late_ones(tmp_path):
+    spawn_peers(streams_worker, 2, tmp_path, str(tmp_path))
+    slow, fast = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    # the fast peer: nothing from the sleeping peer by the deadline ...
+    assert fast["seen"][0] == {"got": {}, "late": 0, "missing": [0], "refused": []}
+    # ... whose first message, arriving later, is dropped as late; its second is taken for exchange 2
+    assert fast["seen"][1] == {"got": {"0": "0:two-----"}, "late": 1, "missing": [], "refused": []}
+    # a message whose length is outside the bound is refused, and the stream goes on in step
+    assert fast["seen"][2] == {"got": {}, "late": 0, "missing": [], "refused": [0]}
+    assert fast["seen"][3] == {"got": {"0": "0:four----"}, "late": 0, "missing": [], "refused": []}
+    # the slow peer found every message of its neighbour waiting, in order
+    assert [s["got"] for s in slow["seen"]] == [{"1": f"1:{w}"} for w in ("one-----", "two-----", "three---", "four----")]
+    assert slow["late_at_end"] == fast["late_at_end"] == 0
+
+
+def test_deadline_gossip_is_refused_where_a_skipped_message_would_break_the_protocol():
+    for overrides, expected in ((["gossip.mode=allreduce"], "deadline gossip is for neighbour gossip"),
+                                (["consensus.target=0.1"], "without consensus control"),
+                                (["gossip.timeout_s=1"], "below timeout_s")):
+        with pytest.raises(ConfigError, match=expected):
+            load_config(ROOT / "launch/configs/tiny.toml", ["gossip.deadline_s=2", *overrides]).check()
+    keys, roster = identities(4)
+    ring, schedule = load_topology(ROOT / "topologies/ring.toml", 4), load_topology(ROOT / "topologies/onepeer-exponential.toml", 4)
+    for topology, more, expected in ((ring, {"secure": FixedPoint(4.0, 16)}, "not secure mode"),
+                                     (ring, {"error_feedback": True}, "error feedback"),
+                                     (ring, {"algorithm": "choco"}, "not CHOCO"),
+                                     (schedule, {}, "do not change from round to round")):
+        with pytest.raises(ConfigError, match=expected):
+            Averager(LocalHub(4).transport(0), "gossip", get_codec("fp32"), topology, keys[0], roster, session=bytes(16),
+                     deadline_s=2.0, **more)
+
+
+DEADLINE_S, SLOW = 0.2, 2
+
+
+@pytest.mark.timeout(400)
+def test_a_slow_peer_does_not_slow_its_neighbours_rounds_by_more_than_the_deadline(tmp_path):
+    result = run_cli("run", "launch/configs/tiny.toml", "--overwrite", f"run.out={tmp_path}", "run.rounds=6", "run.local_steps=4",
+                     "consensus.every=0", f"gossip.deadline_s={DEADLINE_S}", f"faults.peers=[{SLOW}]", "faults.kind=slow",
+                     "faults.strength=50", timeout=380)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {rank: [r for r in read_jsonl(tmp_path / "metrics" / f"peer{rank}.jsonl") if r["round"] >= 1] for rank in range(4)}
+    assert all(len(r) == 6 for r in rows.values())  # every peer ran every round
+    slow_compute = statistics.mean(r["compute_s"] for r in rows[SLOW])
+    for neighbour in (1, 3):  # the slow peer's neighbours on the ring of 4
+        waits = [r["comm_s"] for r in rows[neighbour]]
+        # an exchange waits the deadline, not the straggler (lockstep would wait ~slow_compute every round);
+        # the median and a looser bound on the slowest, since a loaded machine can stall any one of them
+        assert statistics.median(waits) < DEADLINE_S + 0.5 and max(waits) < slow_compute / 2
+        # they went on without the slow peer where its message was late, and dropped it when it came
+        assert sum(SLOW in r["missing"] for r in rows[neighbour]) >= 3
+        assert all(r["rejected"] == {} for r in rows[neighbour])  # nothing misread: no message refused as another round's
+    assert slow_compute > 3 * statistics.mean(r["round_s"] for r in rows[1])  # the straggler really was several times slower
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert sum(p["late"] for p in summary["peers_table"]) >= 6
