@@ -67,7 +67,8 @@ class FloatValues:
 
     def encode(self, values: torch.Tensor) -> bytes | memoryview:
         """The values' bytes; fp32 values already on the CPU in one piece are not copied: a read-only
-        view of them is the payload (it keeps them alive, and the exchange reads it before it returns)."""
+        view of them is the payload (it keeps them alive). A lockstep exchange has sent it when it
+        returns; deadline gossip, which sends later from a thread, sends a copy."""
         values = values.detach()
         if values.dtype == self.dtype == torch.float32 and values.device.type == "cpu" and values.is_contiguous() and sys.byteorder == "little":
             return memoryview(values.numpy()).cast("B").toreadonly()

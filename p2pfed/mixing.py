@@ -50,10 +50,12 @@ class WeightedAverage:
         by slice: each vector is read from memory once, where a whole-vector operation at a time
         reads each one per operation (and needs a temporary the size of the adapter). Each value of
         the mix is computed by the same operations in the same order as over whole vectors."""
+        shape, own = own.shape, own.reshape(-1)
+        heard = {j: h.reshape(-1) for j, h in heard.items()}
         order = sorted(heard)
         alphas = [float(weights[j]) for j in order]
         mixed = torch.empty_like(own)
-        difference = torch.empty(min(SLICE, own.numel()), dtype=own.dtype)
+        difference = torch.empty(min(SLICE, own.numel()), dtype=own.dtype, device=own.device)
         squares = [0.0] * len(order)
         for start in range(0, own.numel(), SLICE):
             end = min(own.numel(), start + SLICE)
@@ -64,7 +66,7 @@ class WeightedAverage:
                 out.add_(theirs, alpha=alphas[k])
                 torch.sub(mine, theirs, out=gap)
                 squares[k] += float(torch.dot(gap, gap))
-        return mixed, 0.5 * sum(alpha * square for alpha, square in zip(alphas, squares))
+        return mixed.reshape(shape), 0.5 * sum(alpha * square for alpha, square in zip(alphas, squares))
 
 
 @dataclass(frozen=True)

@@ -123,28 +123,32 @@ class _Inbox(threading.Thread):
 
 
 class _Outbox(threading.Thread):
-    """Sends this peer's messages to one receiver in order; each waits until the receiver takes it."""
+    """Sends this peer's messages to one receiver in order; each waits until the receiver takes
+    it. The end marker is its last: the thread ends after sending it (or at a broken connection)."""
 
     def __init__(self, rank: Rank, receiver: Rank) -> None:
         super().__init__(name=f"p2pfed-outbox-{receiver}", daemon=True)
         self.rank, self.receiver = rank, receiver
-        self.queue: queue.Queue[tuple[torch.Tensor, torch.Tensor] | None] = queue.Queue(maxsize=MAX_AHEAD)
+        self.queue: queue.Queue[tuple[torch.Tensor, torch.Tensor, bool]] = queue.Queue(maxsize=MAX_AHEAD)
         self.error: str | None = None
 
     def run(self) -> None:
-        while (pieces := self.queue.get()) is not None:
+        last = False
+        while not last:
+            front, body, last = self.queue.get()
             try:
-                for work in [dist.isend(pieces[0], dst=self.receiver, tag=FRONT_TAG), dist.isend(pieces[1], dst=self.receiver, tag=BODY_TAG)]:
+                for work in [dist.isend(front, dst=self.receiver, tag=FRONT_TAG), dist.isend(body, dst=self.receiver, tag=BODY_TAG)]:
                     work.wait()
-            except RuntimeError as err:
+            except RuntimeError as err:  # the connection broke, or the receiver took nothing for gloo's timeout
                 self.error = str(err).split("] ")[-1][:120]
                 return
 
-    def send(self, pieces: tuple[torch.Tensor, torch.Tensor], timeout_s: float) -> None:
+    def send(self, pieces: tuple[torch.Tensor, torch.Tensor], timeout_s: float, last: bool = False) -> None:
         self._check()
         try:  # blocks while MAX_AHEAD messages wait for this receiver: it is that many exchanges behind
-            self.queue.put(pieces, timeout=timeout_s)
+            self.queue.put((*pieces, last), timeout=max(0.0, timeout_s))
         except queue.Full:
+            self._check()
             raise TransportTimeout(f"peer {self.rank} could not deliver to peer {self.receiver} within the {timeout_s:g} s timeout "
                                    f"([gossip] timeout_s): peer {self.receiver} is {MAX_AHEAD} exchanges behind") from None
 
@@ -205,10 +209,9 @@ class Streams:
     def finish(self, end: tuple[torch.Tensor, torch.Tensor]) -> int:
         """Send every receiver the end marker, read every stream up to its marker, and wait until
         everything queued has left; returns the late messages dropped on the way."""
-        for outbox in self.outboxes.values():
-            outbox.send(end, self.timeout_s)
-            outbox.queue.put(None)
         late, deadline = 0, time.monotonic() + self.timeout_s
+        for outbox in self.outboxes.values():  # every wait below ends by the deadline: a neighbour cannot hold this peer
+            outbox.send(end, deadline - time.monotonic(), last=True)
         for j, inbox in self.inboxes.items():
             while not inbox.ended:
                 arrival = inbox.take(deadline - time.monotonic())

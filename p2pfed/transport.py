@@ -248,8 +248,11 @@ class TorchTransport:
         exchange `tag` that arrives within `wait_s`; (messages, late messages dropped, senders missing).
         Senders whose length is refused are named in `refused`, as after `exchange`."""
         head = min(head, max_length)
+        pieces, copies = self._pieces(outgoing, head), {}
+        for j, (front, body) in pieces.items():  # sent later, from a thread: a copy the caller cannot change meanwhile
+            pieces[j] = (front, copies.setdefault(id(body), body.clone()))
         with _terminable():
-            result = self._streams().exchange(self._pieces(outgoing, head), incoming_from, tag, max_length, head, wait_s)
+            result = self._streams().exchange(pieces, incoming_from, tag, max_length, head, wait_s)
         self.refused = result.refused
         return result.messages, result.late, result.missing
 

@@ -3,11 +3,13 @@ round, its late message is dropped when it arrives, the stream is never misread,
 peer does not slow its neighbours' rounds by more than the deadline."""
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from conftest import ROOT, identities, join_gloo_group, read_jsonl, run_cli, spawn_peers
@@ -16,7 +18,7 @@ from p2pfed.config import ConfigError, load_config
 from p2pfed.gossip import Averager
 from p2pfed.secure import FixedPoint
 from p2pfed.topology import load_topology
-from p2pfed.transport import LocalHub, LyingLength
+from p2pfed.transport import LocalHub, LyingLength, TransportTimeout
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
 BOUND, HEAD = 64, 8
@@ -105,3 +107,46 @@ def test_a_slow_peer_does_not_slow_its_neighbours_rounds_by_more_than_the_deadli
     assert slow_compute > 3 * statistics.mean(r["round_s"] for r in rows[1])  # the straggler really was several times slower
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert sum(p["late"] for p in summary["peers_table"]) >= 6
+
+
+def raw_stream_message(dst: int, length: int, message: bytes, head: int) -> list:
+    """What a hostile peer can put on a deadline stream's tags by hand: a front (length + head) and a body."""
+    from p2pfed.stream import BODY_TAG, FRONT_TAG
+    from p2pfed.transport import PREFIX
+
+    front = bytearray(length.to_bytes(PREFIX, "little", signed=True) + message[:head]).ljust(PREFIX + head, b"\0")
+    body = bytearray(message[head:] or b"\0")
+    return [dist.isend(torch.frombuffer(front, dtype=torch.uint8), dst=dst, tag=FRONT_TAG),
+            dist.isend(torch.frombuffer(body, dtype=torch.uint8), dst=dst, tag=BODY_TAG)]
+
+
+FINISH_TIMEOUT_S = 3.0
+
+
+def never_takes_worker(rank: int, world: int, store: str, out: str) -> None:
+    transport, key, roster = join_gloo_group(rank, world, store, timeout_s=FINISH_TIMEOUT_S)
+    if rank == 1:  # hostile: four messages and its end marker, but it never takes what peer 0 sends it
+        from p2pfed.wire import OVERHEAD
+        sent = [w for _ in range(4) for w in raw_stream_message(0, 10, b"x" * 10, OVERHEAD)] + raw_stream_message(0, -1, b"", OVERHEAD)
+        time.sleep(FINISH_TIMEOUT_S + 6)
+        os._exit(0)
+    averager = Averager(transport, "gossip", get_codec("fp32"), load_topology(ROOT / "topologies/complete.toml", 2), key, roster,
+                        session=bytes(16), deadline_s=0.3)
+    averager.open(16)
+    vector = torch.randn(16)
+    for round in range(4):
+        vector, _ = averager.average(vector, round)
+    start, error = time.monotonic(), None
+    try:
+        averager.finish()
+    except TransportTimeout as err:
+        error = str(err)
+    Path(out, "0.json").write_text(json.dumps({"error": error, "seconds": time.monotonic() - start}))
+    os._exit(0)
+
+
+def test_a_neighbour_that_never_takes_its_messages_cannot_hold_a_peer_at_the_end(tmp_path):
+    spawn_peers(never_takes_worker, 2, tmp_path, str(tmp_path))
+    result = json.loads((tmp_path / "0.json").read_text())
+    assert result["error"] is not None and "peer 1" in result["error"]
+    assert result["seconds"] <= FINISH_TIMEOUT_S + 2.0
