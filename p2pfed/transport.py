@@ -250,7 +250,9 @@ class TorchTransport:
         head = min(head, max_length)
         pieces, copies = self._pieces(outgoing, head), {}
         for j, (front, body) in pieces.items():  # sent later, from a thread: a copy the caller cannot change meanwhile
-            pieces[j] = (front, copies.setdefault(id(body), body.clone()))
+            if id(body) not in copies:  # one copy of a payload that several receivers share
+                copies[id(body)] = body.clone()
+            pieces[j] = (front, copies[id(body)])
         with _terminable():
             result = self._streams().exchange(pieces, incoming_from, tag, max_length, head, wait_s)
         self.refused = result.refused
