@@ -56,7 +56,6 @@ EXCHANGE_ROWS = (
 
 def run_exchange_row(row: ExchangeRow) -> dict[str, Any]:
     """Launch the row's peers under torchrun and gather what each measured."""
-    probes = row.probes
     from p2pfed.identity import keygen
     from p2pfed.provenance import code_version
 
@@ -66,13 +65,13 @@ def run_exchange_row(row: ExchangeRow) -> dict[str, Any]:
         out.mkdir()
         keygen(row.peers, keys)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={row.peers}", "--max-restarts=0",
-                   "-m", "p2pfed.benchexchange", "--values", str(row.values), "--probes", str(probes), "--keys", str(keys), "--out", str(out)]
+                   "-m", "p2pfed.benchexchange", "--values", str(row.values), "--probes", str(row.probes), "--keys", str(keys), "--out", str(out)]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
             raise RuntimeError(f"exchange row {row.name!r} failed (status {done.returncode}):\n{tail}")
         peers = [json.loads((out / f"{rank}.json").read_text(encoding="utf-8")) for rank in range(row.peers)]
-    return {"name": row.name, "peers": row.peers, "values": row.values, "goal": row.goal, "probes": probes,
+    return {"name": row.name, "peers": row.peers, "values": row.values, "goal": row.goal, "probes": row.probes,
             "wall_s": time.perf_counter() - started, "code": code_version(), **summarise(peers)}
 
 
@@ -113,8 +112,6 @@ EXCHANGE_NOTE = (
 
 def measure(values: int, probes: int, keys: Path) -> dict[str, Any]:
     """Inside one torchrun peer: the probes of this row, with the stages of each exchange."""
-    import os
-
     import torch
 
     from p2pfed.codec import get_codec
@@ -137,7 +134,7 @@ def measure(values: int, probes: int, keys: Path) -> dict[str, Any]:
         averager = Averager(transport, "gossip", get_codec("fp32"), topology, identity, roster)
         vector = torch.randn(values, generator=torch.Generator().manual_seed(rank))
         probe = probe_exchange(averager, transport, vector, first_round=0, probes=probes)
-        return {"rank": rank, "pid": os.getpid(), "gossip_s": probe.gossip_s, "bare_s": probe.bare_s,
+        return {"rank": rank, "gossip_s": probe.gossip_s, "bare_s": probe.bare_s,
                 "message_bytes": probe.message_bytes, "stages": probe.stages}
     finally:
         shutdown()

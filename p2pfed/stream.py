@@ -27,7 +27,6 @@ when the group shuts down.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -36,9 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from p2pfed.transport import PREFIX, Rank, TransportTimeout, length_refusal
-
-log = logging.getLogger("p2pfed.stream")
+from p2pfed.transport import Rank, TransportTimeout, assemble, receive_buffers
 
 FRONT_TAG, BODY_TAG = 0, 4
 """Kind 0 of tags 0 and 1: lockstep exchanges use kinds 1-3 (p2pfed.transport._tag), so the
@@ -93,21 +90,11 @@ class _Inbox(threading.Thread):
             self.mailbox.put(_Arrival(None, end=True))
 
     def _receive(self) -> _Arrival:
-        front = torch.zeros(PREFIX + self.head, dtype=torch.uint8, device=self.device)
-        # zeroed: gloo does not say how many bytes arrived, so a short message reads as zeros, never stale memory
-        buffer = torch.zeros(max(self.bound, self.head + 1), dtype=torch.uint8, device=self.device)
-        works = [dist.irecv(front, src=self.sender, tag=FRONT_TAG), dist.irecv(buffer[self.head:], src=self.sender, tag=BODY_TAG)]
-        for work in works:
+        front, rest = receive_buffers(self.bound, self.head, self.device)
+        for work in [dist.irecv(front, src=self.sender, tag=FRONT_TAG), dist.irecv(rest[self.head:], src=self.sender, tag=BODY_TAG)]:
             work.wait()
-        front = front.cpu()
-        length = int.from_bytes(front[:PREFIX].numpy().tobytes(), "little", signed=True)
-        if length == END:
-            return _Arrival(None, end=True)
-        if why := length_refusal(self.sender, length, self.bound):
-            return _Arrival(None, why)
-        message = buffer.cpu()
-        message[: self.head] = front[PREFIX:]
-        return _Arrival(memoryview(message.numpy())[:length])  # a view of its own buffer: no copy
+        length, message, why = assemble(self.sender, front, rest, self.bound, self.head)
+        return _Arrival(None, end=True) if length == END else _Arrival(message, why)
 
     def take(self, timeout_s: float) -> _Arrival | None:
         try:

@@ -86,6 +86,28 @@ def length_refusal(source: Rank, length: int, max_length: int | None) -> str | N
     return None
 
 
+def receive_buffers(bound: int, head: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where one message is received: its length and first `head` bytes, then the rest in place
+    after the head, in a buffer of this exchange's bound (never a size a sender asks for). Zeroed:
+    gloo does not say how many bytes arrived, so a short message reads as zeros, never stale memory."""
+    return (torch.zeros(PREFIX + head, dtype=torch.uint8, device=device),
+            torch.zeros(max(bound, head + 1), dtype=torch.uint8, device=device))
+
+
+def assemble(source: Rank, front: torch.Tensor, rest: torch.Tensor, bound: int, head: int) -> tuple[int, memoryview | None, str | None]:
+    """(announced length, the message, why it is refused) from a received pair of buffers. The
+    length is checked against the bound before anything is sliced; the message is a view of its
+    own buffer (no copy of a large message). A negative length is returned, not refused, only
+    for the caller to read as a marker (p2pfed.stream's END): no message goes with it."""
+    front = front.cpu()
+    length = int.from_bytes(front[:PREFIX].numpy().tobytes(), "little", signed=True)
+    if why := length_refusal(source, length, bound):
+        return length, None, why
+    message = rest.cpu()
+    message[:head] = front[PREFIX:]
+    return length, memoryview(message.numpy())[:length], None
+
+
 class TransportTimeout(RuntimeError):
     """A neighbour sent nothing within the exchange timeout; the message names it."""
 
@@ -195,22 +217,17 @@ class TorchTransport:
         for j, (front, body) in self._pieces(outgoing, head).items():
             sends += [("deliver to", j, dist.isend(front, dst=j, tag=_tag(tag, _LENGTH_TAG))),
                       ("deliver to", j, dist.isend(body, dst=j, tag=_tag(tag, _FRAME_TAG)))]
-        fronts = {j: torch.zeros(PREFIX + head, dtype=torch.uint8, device=self.device) for j in incoming_from}
-        # zeroed: gloo does not say how many bytes arrived, so a short message must read as zeros, never stale memory
-        received = {j: torch.zeros(max(bound, head + 1), dtype=torch.uint8, device=self.device) for j in incoming_from}
-        self._wait(sends + [("hear from", j, dist.irecv(t, src=j, tag=_tag(tag, _LENGTH_TAG))) for j, t in fronts.items()]
-                   + [("hear from", j, dist.irecv(t[head:], src=j, tag=_tag(tag, _FRAME_TAG))) for j, t in received.items()], deadline)
+        buffers = {j: receive_buffers(bound, head, self.device) for j in incoming_from}
+        self._wait(sends + [("hear from", j, dist.irecv(front, src=j, tag=_tag(tag, _LENGTH_TAG))) for j, (front, _) in buffers.items()]
+                   + [("hear from", j, dist.irecv(rest[head:], src=j, tag=_tag(tag, _FRAME_TAG))) for j, (_, rest) in buffers.items()],
+                   deadline)
         self.refused, messages = {}, {}
-        for j, buffer in received.items():
-            front = fronts[j].cpu()
-            length = int.from_bytes(front[:PREFIX].numpy().tobytes(), "little", signed=True)
-            if why := length_refusal(j, length, bound):
+        for j, (front, rest) in buffers.items():
+            length, message, why = assemble(j, front, rest, bound, head)
+            if why is not None:
                 self.refused[j] = why
-                continue
-            message = buffer.cpu()
-            message[:head] = front[PREFIX:]
-            # a view of the receive buffer, which belongs to this message alone: no copy of a large message
-            messages[j] = memoryview(message.numpy())[:length]
+            elif message is not None:
+                messages[j] = message
         return messages
 
     def _pieces(self, outgoing: dict[Rank, bytes], head: int) -> dict[Rank, tuple[torch.Tensor, torch.Tensor]]:
