@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from p2pfed.config import Config, ConfigError, load_config, save_config
@@ -105,6 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(config.run.out)
     threads = config.run.threads or max(1, (os.cpu_count() or 1) // config.run.peers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    if config.run.on_peer_loss == "continue":
+        return run_with_survivors(config, resolved, env)
     print(f"[p2pfed] launching {config.run.peers} peers with torchrun; resolved config in {resolved}", flush=True)
     code = subprocess.call(torchrun_command(resolved, config.run.peers, config.run.max_restarts), env=env)
     if code != 0:
@@ -112,6 +115,59 @@ def cmd_run(args: argparse.Namespace) -> int:
         return code
     print("\n" + (out / "summary.md").read_text(encoding="utf-8"))
     return 0
+
+
+def agent_command(config_path: Path, peers: int, endpoint: str, run_id: str) -> list[str]:
+    """One torchrun agent of one peer (p2pfed.agent), meeting the others at `endpoint`."""
+    return [sys.executable, "-m", "p2pfed.agent", f"--nnodes={peers}", "--nproc-per-node=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}", "--rdzv-conf=is_host=false", "--max-restarts=0",
+            "--monitor-interval=0.5", "-m", "p2pfed.peer", str(config_path)]
+
+
+def run_with_survivors(config: Config, resolved: Path, env: dict[str, str]) -> int:
+    """on_peer_loss = 'continue': one torchrun agent per peer around a rendezvous store held
+    here, so a dead peer takes none of the others down; the summary from those that finished."""
+    import torch.distributed as dist
+
+    started = time.perf_counter()
+    out = Path(config.run.out)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # lives as long as this launcher
+    endpoint, run_id = f"127.0.0.1:{store.port}", f"p2pfed-{os.getpid()}"
+    env = {**env, "P2PFED_LOCAL_PEERS": str(config.run.peers)}
+    shutil.rmtree(out / "survivors", ignore_errors=True)  # rows of an earlier attempt are not this run's
+    print(f"[p2pfed] launching {config.run.peers} peers, one torchrun agent each (on_peer_loss = 'continue'); "
+          f"resolved config in {resolved}", flush=True)
+    codes = run_children([agent_command(resolved, config.run.peers, endpoint, run_id) for _ in range(config.run.peers)], env)
+    del store
+    failed = sum(code != 0 for code in codes)
+    from p2pfed.peer import survivors_summary
+
+    text = survivors_summary(config, time.perf_counter() - started)
+    if text is None and failed:
+        print(f"p2pfed run: {failed} of {config.run.peers} peer agents failed and no peer finished; see the peer messages above",
+              file=sys.stderr)
+        return max(codes)
+    if text is None:
+        text = (out / "summary.md").read_text(encoding="utf-8")
+    print("\n" + text)
+    return 0
+
+
+def run_children(commands: list[list[str]], env: dict[str, str]) -> list[int]:
+    """Run every command to its end, passing Ctrl+C and SIGTERM on to each; their statuses."""
+    children = [subprocess.Popen(command, env=env) for command in commands]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return [child.wait() for child in children]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

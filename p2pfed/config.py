@@ -52,11 +52,17 @@ class RunSection:
     engine: str = "torchrun"
     """'torchrun': a process per peer; 'simulate': every peer a thread of one process on one
     shared base model (`p2pfed simulate` sets it; p2pfed.simulate)."""
+    on_peer_loss: str = "restart"
+    """When a peer dies: 'restart' (torchrun restarts the whole group from the newest common
+    checkpoint, up to max_restarts times; runs repeat bit for bit) or 'continue' (`p2pfed run`
+    starts one torchrun agent per peer, so a death takes no sibling down; its neighbours mark
+    it gone and the survivors finish the run without it: README, When things fail)."""
 
     def check(self) -> None:
         _positive(self, "peers", "rounds", "eval_every", "checkpoint_every")
         _at_least(self, 0, "threads", "sample_tokens", "max_restarts", "local_steps")
         _one_of(self, "engine", ("torchrun", "simulate"))
+        _one_of(self, "on_peer_loss", ("restart", "continue"))
 
 
 @dataclass(kw_only=True)
@@ -335,7 +341,7 @@ class IdentitySection:
 
 
 FAULT_KINDS = ("flip", "foreign_key", "replay", "misaddress", "abstain", "crash", "nan", "scale", "signflip", "noise", "alie",
-               "shortpayload", "hugelength", "slow")
+               "shortpayload", "hugelength", "slow", "vanish")
 VALUE_FAULTS = ("nan", "scale", "signflip", "noise", "alie")
 """Fault kinds that change the adapter a faulty peer sends, under a valid signature."""
 
@@ -358,7 +364,8 @@ class FaultSection:
     default 1.5, standard deviations), 'shortpayload' (a truncated payload), 'hugelength'
     (a length prefix of 2^62 bytes and no payload). 'slow': a straggler, honest but
     `strength` times slower (default 3): after its local steps it sleeps (strength - 1) times
-    the time they took."""
+    the time they took. 'vanish': a party that walks away: the process exits (status 0, no
+    goodbye) at the start of `from_round`, on the first attempt only."""
     strength: float = 0.0
     """The Byzantine kind's parameter; 0 = its default."""
     from_round: int = 1
@@ -499,10 +506,12 @@ class Config:
             raise ConfigError("[gossip] deadline_s: deadline gossip is for neighbour gossip under torchrun (gossip.mode = 'gossip', "
                               "run.engine = 'torchrun') without consensus control (consensus.target = 0): every peer must make "
                               "the same exchanges")
+        if self.run.on_peer_loss == "continue":
+            self._check_continue()
         if self.run.engine == "simulate" and self.bench.probes:
             raise ConfigError("[bench] probes: bare send/recv probes time a real network; set probes = 0 to simulate")
-        if self.run.engine == "simulate" and self.faults.peers and self.faults.kind == "crash":
-            raise ConfigError("[faults] kind = 'crash' kills its process, which in simulation holds every peer; "
+        if self.run.engine == "simulate" and self.faults.peers and self.faults.kind in ("crash", "vanish"):
+            raise ConfigError(f"[faults] kind = '{self.faults.kind}' ends its process, which in simulation holds every peer; "
                               "use network.slow_peers for a straggler, or run it under torchrun")
         if any(r >= self.run.peers for r in self.network.slow_peers):
             raise ConfigError(f"[network] slow_peers: {self.network.slow_peers} names a rank outside the {self.run.peers} peers (0..{self.run.peers - 1})")
@@ -522,6 +531,25 @@ class Config:
         if self.privacy.enabled and self.privacy.noise == "distributed" and not (self.gossip.mode == "gossip" and self.gossip.secure):
             raise ConfigError("[privacy] noise = 'distributed': a sender's share of the noise is enough only inside a masked sum; "
                               "it needs gossip.mode = 'gossip' with gossip.secure = true (or use noise = 'local')")
+
+    def _check_continue(self) -> None:
+        """What going on without a dead peer needs: neighbour gossip between processes, and no
+        exchange that needs every peer's message (a secure sum's masks, consensus control)."""
+        if self.gossip.mode != "gossip" or self.run.engine != "torchrun":
+            raise ConfigError("[run] on_peer_loss = 'continue': survivors go on by gossiping without the dead peer, so it needs "
+                              "gossip.mode = 'gossip' under run.engine = 'torchrun' (allreduce needs every peer in every round)")
+        if self.gossip.secure:
+            raise ConfigError("[run] on_peer_loss = 'continue': secure mode's masks need every sender of a sum or its recovery "
+                              "phases, which do not run over deadline streams yet; use on_peer_loss = 'restart' in secure mode")
+        if self.consensus.target > 0:
+            raise ConfigError("[run] on_peer_loss = 'continue': consensus control needs every peer's consensus figure each round; "
+                              "set consensus.target = 0")
+        if self.bench.probes:
+            raise ConfigError("[run] on_peer_loss = 'continue': [bench] probes time lockstep exchanges with every neighbour; "
+                              "set probes = 0")
+        if self.gossip.algorithm == "choco" or self.gossip.error_feedback == "on":
+            raise ConfigError("[run] on_peer_loss = 'continue': a message missed at the timeout would leave CHOCO's or error "
+                              "feedback's public copies out of step; use algorithm = 'plain' and error_feedback = 'off'")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

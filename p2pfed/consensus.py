@@ -19,7 +19,7 @@ from p2pfed.config import ConsensusSection
 from p2pfed.gossip import Averager, RoundStats
 from p2pfed.secure import Purpose
 from p2pfed.secure.monitor import MaskedSum
-from p2pfed.transport import Transport
+from p2pfed.transport import PeerLost, Transport
 
 log = logging.getLogger("p2pfed.consensus")
 
@@ -75,6 +75,8 @@ class GossipRound:
     steps: int
     consensus: float | None
     target: float | None
+    monitoring_skipped: bool = False
+    """The exact figure was due but skipped: a peer is gone (on_peer_loss = 'continue')."""
 
 
 def gossip_round(averager: Averager, vector: torch.Tensor, round: int, transport: Transport,
@@ -86,7 +88,10 @@ def gossip_round(averager: Averager, vector: torch.Tensor, round: int, transport
     control = section.target > 0 and averager.mode == "gossip"
     if control and averager.secure is not None:  # the config refuses it too; this guards the library path
         raise ValueError("consensus control re-exchanges the adapters whose network mean monitoring revealed: not in secure mode")
-    distance = exact_consensus_distance(vector, transport, masked) if measure or control else None
+    try:
+        distance = exact_consensus_distance(vector, transport, masked) if measure or control else None
+    except PeerLost:  # a gone peer cannot take part: monitoring stops, gossip goes on (control is refused with 'continue')
+        return GossipRound(vector, first, 1, None, None, monitoring_skipped=True)
     target = None
     if control:
         scale = mean_squared_norm(vector, transport, masked) if section.relative else 1.0

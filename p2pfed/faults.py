@@ -7,6 +7,7 @@ can check that every one was refused.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ from p2pfed.wire import HEADER_STRUCT, OVERHEAD, seal
 
 DEFAULT_STRENGTH = {"scale": 100.0, "noise": 1.0, "alie": 1.5, "slow": 3.0}
 HUGE_LENGTH = 2**62
+log = logging.getLogger("p2pfed.faults")
 
 
 ENVELOPE_FAULTS = ("flip", "replay", "abstain", "foreign_key", "misaddress", "hugelength")
@@ -48,9 +50,17 @@ class FaultInjector:
         self.noise = torch.Generator().manual_seed(seed)
 
     def maybe_crash(self, round: int, restart: int) -> None:
-        """kind 'crash': die like `kill -9` at the start of `from_round`, the first time only."""
-        if self.kind == "crash" and round == self.from_round and restart == 0:
+        """kind 'crash': die like `kill -9` at the start of `from_round`, the first time only;
+        'vanish': leave then, the first time only, exiting with status 0 and no goodbye (no
+        checkpoint, no end of stream, no summary: the OS closes its connections)."""
+        if round != self.from_round or restart != 0:
+            return
+        if self.kind == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "vanish":
+            log.warning("peer %d: fault injection 'vanish': leaving the run at the start of round %d", self.identity.rank, round)
+            logging.shutdown()
+            os._exit(0)
 
     def straggle(self, compute_s: float, round: int) -> float:
         """kind 'slow': sleep so that this round's local steps take `strength` times as long; the seconds slept."""
@@ -62,7 +72,7 @@ class FaultInjector:
 
     def active(self, round: int) -> bool:
         """Whether metrics `round` (1-based) misbehaves."""
-        return self.kind != "crash" and round >= self.from_round and (not self.until_round or round <= self.until_round)
+        return self.kind not in ("crash", "vanish") and round >= self.from_round and (not self.until_round or round <= self.until_round)
 
     def observe(self, heard: list[torch.Tensor]) -> None:
         """Remember the neighbours' values of this round (plain mode; secure mode shows none)."""

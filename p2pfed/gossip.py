@@ -44,7 +44,7 @@ class Averager:
                  *, algorithm: str = "plain", gamma: float = 0.5, error_feedback: bool = False,
                  initial: torch.Tensor | None = None, secure: FixedPoint | None = None, seed: int = 0,
                  session: bytes | None = None, min_present: int = 2, robust: str = "none", byzantine: int = 1,
-                 away: Callable[[int], frozenset[int]] | None = None, deadline_s: float = 0.0) -> None:
+                 away: Callable[[int], frozenset[int]] | None = None, deadline_s: float = 0.0, keep_going: bool = False) -> None:
         if mode == "gossip" and (topology is None or identity is None or roster is None):
             raise ValueError("gossip mode needs a topology, this peer's identity and the roster")
         self.transport = transport
@@ -69,8 +69,17 @@ class Averager:
         """Emulated churn (simulation): the peers away in a round (1-based); they send and hear nothing."""
         self.deadline_s = deadline_s if mode == "gossip" else 0.0
         """Deadline gossip (p2pfed.stream): wait this long for neighbours' messages; 0: for all of them."""
-        if self.deadline_s and (self.stateful or secure is not None or (topology is not None and topology.period > 1)):
-            raise ConfigError("[gossip] deadline_s: deadline gossip skips a late neighbour's message, so it needs plain gossip on a "
+        self.keep_going = keep_going and mode == "gossip"
+        """[run] on_peer_loss = 'continue': a neighbour whose connection breaks is gone, and mixing goes on without it."""
+        self.streaming = bool(self.deadline_s) or self.keep_going
+        """Exchanges go over p2pfed.stream's per-neighbour streams (deadline gossip, or going on without the gone)."""
+        self.wait_s = self.deadline_s or getattr(transport, "timeout_s", 0.0)
+        """How long a streamed exchange waits for its senders: the deadline, else the timeout."""
+        self.gone: set[int] = set()
+        """Neighbours found gone (keep_going): never heard from or sent to again."""
+        if self.streaming and (self.stateful or secure is not None or (topology is not None and topology.period > 1)):
+            what = "[gossip] deadline_s: deadline gossip" if self.deadline_s else "[run] on_peer_loss = 'continue': going on without a gone peer"
+            raise ConfigError(f"{what} skips a missing neighbour's message, so it needs plain gossip on a "
                               "static topology: not secure mode (a missing sender leaves masks unmatched), not CHOCO or error "
                               "feedback (public copies would fall out of step; this codec turns it on under 'auto': set "
                               "gossip.error_feedback = 'off'), and a topology whose neighbours do not change from round to round")
@@ -131,16 +140,18 @@ class Averager:
     def open(self, length: int) -> None:
         """Before the first round: deadline gossip starts receiving its neighbours' messages of
         `length`-value adapters (a neighbour that runs ahead is not held up by this peer's training)."""
-        if self.deadline_s and self.topology is not None:
+        if self.streaming and self.topology is not None:
             self.transport.open_streams(self.topology.in_neighbours(self.rank, 0), self.exchanges + 1,  # type: ignore[attr-defined]
                                         OVERHEAD + self.codec.max_payload(length), OVERHEAD)
 
     def finish(self) -> int:
         """After the last exchange: deadline gossip reads its streams to their ends (every peer
         calls this), so nothing is left in flight; returns the late messages dropped."""
-        if not self.deadline_s:
+        if not self.streaming:
             return 0
-        return self.transport.finish_streams()  # type: ignore[attr-defined]
+        late = self.transport.finish_streams()  # type: ignore[attr-defined]
+        self._note_gone(None)
+        return late
 
     def monitor(self) -> MaskedSum | None:
         """Secure mode: the masked sum consensus monitoring must use (None: plain sums are fine)."""
@@ -173,7 +184,7 @@ class Averager:
             self.secure.generator.set_state(state["secure"])
 
     def _exchange(self, outgoing: dict[int, bytes], incoming_from: list[int], stats: RoundStats, max_length: int,
-                  partial: bool = False, patience: int = 1, deadline: bool = False) -> dict[int, bytes]:
+                  partial: bool = False, patience: int = 1, deadline: bool = False, round: int | None = None) -> dict[int, bytes]:
         """One exchange, timed and counted: lockstep, or with `deadline` what arrives within
         deadline_s (p2pfed.stream). A message announced longer than `max_length` (the largest
         envelope it can carry) is refused before it is received."""
@@ -182,10 +193,11 @@ class Averager:
         start = time.perf_counter()
         if deadline:
             incoming, late, missing = self.transport.deadline_exchange(outgoing, incoming_from, self.exchanges, max_length, OVERHEAD,  # type: ignore[attr-defined]
-                                                                       self.deadline_s)
+                                                                       self.wait_s)
             stats.late, stats.missing = stats.late + late, stats.missing + missing
             if missing:
-                log.info("peer %d: no message from peer(s) %s within the %g s deadline", self.rank, missing, self.deadline_s)
+                log.info("peer %d: no message from peer(s) %s within %g s", self.rank, missing, self.wait_s)
+            stats.gone += self._note_gone(round)
         else:
             incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial, patience, max_length, head=OVERHEAD)
         stats.comm_s += time.perf_counter() - start
@@ -194,6 +206,22 @@ class Averager:
             log.warning("peer %d: message from peer %d refused before receiving it: %s", self.rank, j, why)
         stats.bytes_received += sum(len(m) for m in incoming.values())
         return incoming
+
+    def _note_gone(self, round: int | None) -> list[int]:
+        """keep_going: the neighbours the transport found gone since the last call, each named once in the log."""
+        fresh = sorted(set(getattr(self.transport, "gone", {})) - self.gone)
+        for j in fresh:
+            self.gone.add(j)
+            when = f"in round {round + 1}" if round is not None else "at the end of the run"
+            left = [k for k in self._neighbours() if k not in self.gone]
+            log.warning("peer %d: peer %d is gone (%s: %s); mixing goes on over %s", self.rank, j, when,
+                        self.transport.gone[j] or "its connection broke", f"peers {left}" if left else "no neighbour: it trains alone")  # type: ignore[attr-defined]
+        return fresh
+
+    def _neighbours(self) -> list[int]:
+        if self.topology is None:
+            return []
+        return sorted(set(self.topology.in_neighbours(self.rank, 0)) | set(self.topology.out_neighbours(self.rank, 0)))
 
     def _seal_all(self, payloads: dict[int, bytes], round: int, step: int, codec: int, stats: RoundStats,
                   purpose: Purpose = Purpose.TRAIN) -> dict[int, bytes]:
@@ -317,7 +345,7 @@ class Averager:
     def _gossip(self, vector: torch.Tensor, round: int, step: int, purpose: Purpose) -> tuple[torch.Tensor, RoundStats]:
         assert self.topology is not None and self.identity is not None
         weights = self.topology.weights(round)[self.rank]
-        away = self.away(round + 1) if self.away is not None else frozenset()
+        away = (self.away(round + 1) if self.away is not None else frozenset()) | self.gone
         senders = [j for j in self.topology.in_neighbours(self.rank, round) if j not in away]
         receivers = [j for j in self.topology.out_neighbours(self.rank, round) if j not in away]
         stats = RoundStats(neighbours=senders)
@@ -335,7 +363,7 @@ class Averager:
         if self.faults is not None:
             outgoing = self.faults.corrupt(outgoing, round + 1)
         stats.bytes_fp32 = len(outgoing) * (OVERHEAD + 4 * vector.numel())
-        incoming = self._exchange(outgoing, senders, stats, OVERHEAD + self.codec.max_payload(vector.numel()), deadline=bool(self.deadline_s))
+        incoming = self._exchange(outgoing, senders, stats, OVERHEAD + self.codec.max_payload(vector.numel()), deadline=self.streaming, round=round)
 
         heard: dict[int, torch.Tensor] = {}
         for j in senders:  # fixed order: the same inputs give the same bits

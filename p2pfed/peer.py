@@ -42,7 +42,7 @@ from p2pfed.secure.consentlog import ConsentLog
 from p2pfed.simulate.engine import SharedModel
 from p2pfed.topology import Topology, TopologyError, describe, load_topology
 from p2pfed.train import BlockSampler, LocalTrainer, evaluate
-from p2pfed.transport import TorchTransport, Transport, TransportRefused, TransportTimeout
+from p2pfed.transport import PeerLost, TorchTransport, Transport, TransportRefused, TransportTimeout
 
 log = logging.getLogger("p2pfed.peer")
 
@@ -65,6 +65,11 @@ class RunPaths:
 
     def adapter(self, rank: int) -> Path:
         return self.root / "adapters" / f"peer{rank}"
+
+    @property
+    def survivors(self) -> Path:
+        """Rows of the peers that finished a run some peer left (on_peer_loss = 'continue')."""
+        return self.root / "survivors"
 
     @property
     def summary_md(self) -> Path:
@@ -165,7 +170,8 @@ class Peer:
                         algorithm=cfg.gossip.algorithm, gamma=cfg.gossip.gamma, error_feedback=feedback,
                         initial=initial, secure=fixed, seed=cfg.run.seed * 100_003 + self.rank,
                         min_present=cfg.secure.min_present, robust=cfg.gossip.robust, byzantine=cfg.gossip.byzantine,
-                        away=cfg.network.away if cfg.network.churn else None, deadline_s=cfg.gossip.deadline_s)
+                        away=cfg.network.away if cfg.network.churn else None, deadline_s=cfg.gossip.deadline_s,
+                        keep_going=cfg.run.on_peer_loss == "continue")
 
     def say(self, text: str) -> None:
         if self.loud:
@@ -217,8 +223,7 @@ class Peer:
         else:
             history = []
             first = self.evaluate()
-            start_consensus = (exact_consensus_distance(adapter_to_vector(self.model), self.transport, self.averager.monitor())
-                               if cfg.consensus.every else None)
+            start_consensus = self._start_consensus() if cfg.consensus.every else None
             writer.write({"rank": self.rank, "round": 0, **first, "consensus": start_consensus, "restart": restart})
             self.say(f"round {0:>3}/{cfg.run.rounds} | global ppl {first['global_ppl'] or float('nan'):.2f} | own ppl {first['own_ppl']:.2f}")
         if cfg.privacy.enabled:
@@ -263,6 +268,7 @@ class Peer:
             "rejected": sum(sum(h["rejected"].values()) for h in history),
             "late": sum(h.get("late", 0) for h in history) + late,
             "missing": sum(len(h.get("missing", [])) for h in history),
+            "gone": len(self.averager.gone),
             "injected": self.faults.injected if self.faults else 0,
             "crypto_s_per_round": total("crypto_s") / n,
             "mask_s_per_round": total("mask_s") / n,
@@ -274,6 +280,12 @@ class Peer:
             **({"sim_round_s": total("sim_round_s") / n, "sim_compute_s": total("sim_compute_s") / n,
                 "sim_comm_s": total("sim_comm_s") / n} if "sim_round_s" in last else {}),
         }
+
+    def _start_consensus(self) -> float | None:
+        try:
+            return exact_consensus_distance(adapter_to_vector(self.model), self.transport, self.averager.monitor())
+        except PeerLost:  # a peer was gone before the first round (on_peer_loss = 'continue')
+            return None
 
     def noise_plan(self) -> NoisePlan | None:
         """Distributed noise: this peer's share per round and what the accountant may log for it."""
@@ -372,6 +384,8 @@ class Peer:
                                   **privacy}
         if resumed_from is not None:
             record["resumed_from"] = resumed_from
+        if result.monitoring_skipped:
+            record["monitoring_skipped"] = True
         if away:
             record["away"] = True
         if round % cfg.run.eval_every == 0 or round == self.last_round:
@@ -482,7 +496,8 @@ def _privacy_line(config: Config, privacy: dict[str, Any]) -> str:
     return line
 
 
-def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str, str], topology: Topology | None, wall_s: float) -> str:
+def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str, str], topology: Topology | None, wall_s: float,
+                  lost_note: str = "") -> str:
     """Rank 0: the run summary (markdown for people, JSON for tools); returns the markdown."""
     paths = RunPaths(Path(config.run.out))
     before, after = mean_of(rows, "global_ppl_before"), mean_of(rows, "global_ppl_after")
@@ -497,6 +512,7 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
         "compression": mean_of(rows, "compression"),
         "wall_s": wall_s, "peers_table": rows, "samples": samples, "privacy": _privacy_info(config, rows),
         "emulated": _emulated_info(config, rows),
+        "lost": sorted(set(range(config.run.peers)) - {r["rank"] for r in rows}),
     }
     paths.summary_json.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     gap = f", spectral gap {info['spectral_gap']:.3f}" if topology else ""
@@ -508,6 +524,7 @@ def write_summary(config: Config, rows: list[dict[str, Any]], samples: dict[str,
         "",
         summary_table(rows),
         "",
+        *([lost_note, ""] if lost_note else []),
         f"Mean global eval perplexity: {before:.2f} -> {after:.2f} ({change:+.1f}%)." if change is not None else "No global eval set.",
         "",
         _bytes_line(config, info),
@@ -542,11 +559,48 @@ def run(config: Config, transport: Transport, device: torch.device, shared: Shar
         Path(config.run.out).mkdir(parents=True, exist_ok=True)
         save_config(config, Path(config.run.out) / "config.json")
     row = peer.run()
-    gathered = transport.all_gather_bytes(json.dumps(row).encode())
+    try:
+        gathered = transport.all_gather_bytes(json.dumps(row).encode())
+    except PeerLost:  # a peer is gone: `p2pfed run` writes the summary from the survivors' rows
+        write_survivor_row(peer, row)
+        return row
     if peer.rank == 0:  # only peer 0 writes the summary: N peers reading N rows each is N^2 at 1,024 simulated peers
         rows = [summary_row(b, rank, row) for rank, b in enumerate(gathered)]
         write_summary(config, rows, peer.samples(), peer.topology, time.perf_counter() - started)
     return row
+
+
+def write_survivor_row(peer: Peer, row: dict[str, Any]) -> None:
+    """on_peer_loss = 'continue' after a loss: this peer's summary row (and peer 0's samples) on
+    disk, where the launcher builds the summary from the peers that finished."""
+    folder = peer.paths.survivors
+    folder.mkdir(parents=True, exist_ok=True)
+    if peer.rank == 0:
+        (folder / "samples.json").write_text(json.dumps(peer.samples()), encoding="utf-8")
+    (folder / f"peer{peer.rank}.json").write_text(json.dumps(row), encoding="utf-8")
+    peer.say(f"[p2pfed] peer(s) lost during the run: this peer's row is in {folder}; `p2pfed run` writes the summary")
+
+
+def survivors_summary(config: Config, wall_s: float) -> str | None:
+    """The summary of a run that went on without lost peers, from the rows the survivors wrote
+    (None when no peer wrote one: nothing was lost, or nobody finished). The rows are read as
+    any other peer's (numbers under known keys only)."""
+    paths = RunPaths(Path(config.run.out))
+    files = {rank: paths.survivors / f"peer{rank}.json" for rank in range(config.run.peers)}
+    raw = {rank: f.read_bytes() for rank, f in files.items() if f.exists()}
+    if not raw:
+        return None
+    template = json.loads(next(iter(raw.values())))
+    rows = [summary_row(data, rank, template) for rank, data in sorted(raw.items())]
+    samples_file = paths.survivors / "samples.json"
+    samples = (json.loads(samples_file.read_text(encoding="utf-8")) if samples_file.exists() else
+               {"prompt": config.run.prompt, "base": "(not generated: peer 0 was lost)", "fine_tuned": "(not generated: peer 0 was lost)"})
+    topology = load_topology(config.gossip.topology, config.run.peers) if config.gossip.mode == "gossip" else None
+    lost = sorted(set(range(config.run.peers)) - set(raw))
+    text = write_summary(config, rows, samples, topology, wall_s,
+                         lost_note=f"Peers lost during the run (on_peer_loss = 'continue'): {lost}; the table lists the "
+                                   f"{len(rows)} that finished, and the means are theirs.")
+    return text
 
 
 def _plain_number(value: Any) -> bool:
@@ -618,12 +672,12 @@ def main(argv: list[str] | None = None) -> int:
         if config.run.engine == "simulate":
             raise ConfigError("[run] engine = 'simulate' runs every peer in one process: start it with `p2pfed run` or "
                               "`p2pfed simulate`, not under torchrun")
-        local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local_peers = int(os.environ.get("P2PFED_LOCAL_PEERS") or os.environ.get("LOCAL_WORLD_SIZE", "1"))  # one agent per peer: its own
         torch.set_num_threads(config.run.threads or max(1, (os.cpu_count() or 1) // local_peers))
         device = choose_device(config.model)
         init_process_group(device, config.gossip.timeout_s)
         try:
-            run(config, TorchTransport(device, config.gossip.timeout_s), device)
+            run(config, TorchTransport(device, config.gossip.timeout_s, keep_going=config.run.on_peer_loss == "continue"), device)
         finally:
             shutdown()
     except StopRequested as err:

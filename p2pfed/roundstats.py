@@ -41,6 +41,8 @@ class RoundStats:
     """Deadline gossip: messages of earlier exchanges that arrived after those went on, dropped."""
     missing: list[int] = field(default_factory=list)
     """Deadline gossip: senders whose message had not arrived by the deadline (their weight went to self)."""
+    gone: list[int] = field(default_factory=list)
+    """on_peer_loss = 'continue': neighbours found gone in this round (never mixed again)."""
     local_consensus: float | None = None
     """(1/2) sum_j W_ij ||x_i - x_j||^2 over the neighbours heard (free; before mixing). Its
     mean over peers is Xi^2 exactly for a complete graph with uniform weights."""
@@ -66,6 +68,7 @@ class RoundStats:
             total.repeats += s.repeats
             total.late += s.late
             total.missing += s.missing
+            total.gone += s.gone
             total.abandoned = total.abandoned or s.abandoned
             for reason, count in s.rejected.items():
                 total.rejected[reason] = total.rejected.get(reason, 0) + count

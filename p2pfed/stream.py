@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from p2pfed.transport import Rank, TransportTimeout, assemble, receive_buffers
+from p2pfed.transport import Rank, TransportTimeout, assemble, gloo_reason, receive_buffers
 
 FRONT_TAG, BODY_TAG = 0, 4
 """Kind 0 of tags 0 and 1: lockstep exchanges use kinds 1-3 (p2pfed.transport._tag), so the
@@ -51,6 +51,8 @@ class StreamResult:
     """What one deadline exchange took: messages by sender, and what it left out."""
 
     messages: dict[Rank, memoryview]
+    gone: dict[Rank, str] = field(default_factory=dict)
+    """Neighbours found gone in this exchange (their connection broke), and what broke."""
     refused: dict[Rank, str] = field(default_factory=dict)
     """Senders whose message announced a length outside the bound (as lockstep's `refused`)."""
     late: int = 0
@@ -69,9 +71,11 @@ class _Arrival:
 class _Inbox(threading.Thread):
     """Receives one sender's stream into a bounded mailbox, in order, until its end marker."""
 
-    def __init__(self, rank: Rank, sender: Rank, bound: int, head: int, device: torch.device) -> None:
+    def __init__(self, rank: Rank, sender: Rank, bound: int, head: int, device: torch.device, keep_going: bool = False) -> None:
         super().__init__(name=f"p2pfed-inbox-{sender}", daemon=True)
         self.rank, self.sender, self.bound, self.head, self.device = rank, sender, bound, head, device
+        self.keep_going = keep_going
+        """A broken connection ends the stream (the sender is gone) instead of stopping this peer."""
         self.mailbox: queue.Queue[_Arrival] = queue.Queue(maxsize=MAX_AHEAD)
         self.error: str | None = None
         self.taken = 0
@@ -86,7 +90,7 @@ class _Inbox(threading.Thread):
                 if arrival.end:
                     return
         except RuntimeError as err:  # the connection broke, or gloo's own timeout ([gossip] timeout_s) passed
-            self.error = str(err).split("] ")[-1][:120]
+            self.error = gloo_reason(err)
             self.mailbox.put(_Arrival(None, end=True))
 
     def _receive(self) -> _Arrival:
@@ -101,7 +105,7 @@ class _Inbox(threading.Thread):
             arrival = self.mailbox.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
             return None
-        if self.error is not None and arrival.end:
+        if self.error is not None and arrival.end and not self.keep_going:
             raise TransportTimeout(f"peer {self.rank} lost its connection to peer {self.sender} while trying to hear from it "
                                    f"(peer {self.sender} probably stopped, or was silent past [gossip] timeout_s: {self.error})")
         self.taken += 1
@@ -113,9 +117,9 @@ class _Outbox(threading.Thread):
     """Sends this peer's messages to one receiver in order; each waits until the receiver takes
     it. The end marker is its last: the thread ends after sending it (or at a broken connection)."""
 
-    def __init__(self, rank: Rank, receiver: Rank) -> None:
+    def __init__(self, rank: Rank, receiver: Rank, keep_going: bool = False) -> None:
         super().__init__(name=f"p2pfed-outbox-{receiver}", daemon=True)
-        self.rank, self.receiver = rank, receiver
+        self.rank, self.receiver, self.keep_going = rank, receiver, keep_going
         self.queue: queue.Queue[tuple[torch.Tensor, torch.Tensor, bool]] = queue.Queue(maxsize=MAX_AHEAD)
         self.error: str | None = None
 
@@ -127,10 +131,12 @@ class _Outbox(threading.Thread):
                 for work in [dist.isend(front, dst=self.receiver, tag=FRONT_TAG), dist.isend(body, dst=self.receiver, tag=BODY_TAG)]:
                     work.wait()
             except RuntimeError as err:  # the connection broke, or the receiver took nothing for gloo's timeout
-                self.error = str(err).split("] ")[-1][:120]
+                self.error = gloo_reason(err)
                 return
 
     def send(self, pieces: tuple[torch.Tensor, torch.Tensor], timeout_s: float, last: bool = False) -> None:
+        if self.keep_going and self.error is not None:  # the receiver is gone: nothing more goes to it
+            return
         self._check()
         try:  # blocks while MAX_AHEAD messages wait for this receiver: it is that many exchanges behind
             self.queue.put((*pieces, last), timeout=max(0.0, timeout_s))
@@ -140,7 +146,7 @@ class _Outbox(threading.Thread):
                                    f"([gossip] timeout_s): peer {self.receiver} is {MAX_AHEAD} exchanges behind") from None
 
     def _check(self) -> None:
-        if self.error is not None:
+        if self.error is not None and not self.keep_going:
             raise TransportTimeout(f"peer {self.rank} lost its connection to peer {self.receiver} while trying to deliver to it "
                                    f"(peer {self.receiver} probably stopped: {self.error})")
 
@@ -148,8 +154,13 @@ class _Outbox(threading.Thread):
 class Streams:
     """This peer's ends of every stream it sends or receives on."""
 
-    def __init__(self, rank: Rank, device: torch.device, timeout_s: float) -> None:
+    def __init__(self, rank: Rank, device: torch.device, timeout_s: float, keep_going: bool = False) -> None:
         self.rank, self.device, self.timeout_s = rank, device, timeout_s
+        self.keep_going = keep_going
+        """[run] on_peer_loss = 'continue': a neighbour whose connection breaks is gone (its stream
+        ends, nothing more is sent to it) instead of stopping this peer."""
+        self.gone: dict[Rank, str] = {}
+        """Neighbours found gone, and what broke (keep_going only)."""
         self.first: int | None = None
         """The exchange the streams opened at (after a restart: the resumed count, the same at every peer)."""
         self.shape: tuple[int, int] | None = None
@@ -182,6 +193,8 @@ class Streams:
             inbox = self._inbox(j)
             while inbox.taken < wanted:
                 arrival = None if inbox.ended else inbox.take(deadline - time.monotonic())
+                if self.keep_going and inbox.error is not None and inbox.ended:
+                    break  # gone: named below, not missing
                 if arrival is None or arrival.end:
                     result.missing.append(j)
                     break
@@ -191,7 +204,18 @@ class Streams:
                     result.refused[j] = arrival.refusal
                 elif arrival.message is not None:
                     result.messages[j] = arrival.message
+        result.gone = self._newly_gone()
         return result
+
+    def _newly_gone(self) -> dict[Rank, str]:
+        """keep_going: the neighbours whose stream broke since the last call (either way)."""
+        if not self.keep_going:
+            return {}
+        broken = {j: inbox.error for j, inbox in self.inboxes.items() if inbox.error is not None and inbox.ended}
+        broken.update({j: outbox.error for j, outbox in self.outboxes.items() if outbox.error is not None and j not in broken})
+        fresh = {j: why or "" for j, why in broken.items() if j not in self.gone}
+        self.gone.update(fresh)
+        return fresh
 
     def finish(self, end: tuple[torch.Tensor, torch.Tensor]) -> int:
         """Send every receiver the end marker, read every stream up to its marker, and wait until
@@ -202,6 +226,9 @@ class Streams:
         for j, inbox in self.inboxes.items():
             while not inbox.ended:
                 arrival = inbox.take(deadline - time.monotonic())
+                if arrival is None and self.keep_going:  # silent to the end: left to its thread (a daemon)
+                    self.gone.setdefault(j, "its stream did not end within the timeout")
+                    break
                 if arrival is None:
                     raise TransportTimeout(f"peer {self.rank} did not hear the end of peer {j}'s stream within the {self.timeout_s:g} s "
                                            "timeout ([gossip] timeout_s)")
@@ -209,7 +236,9 @@ class Streams:
         for j, outbox in self.outboxes.items():
             outbox.join(max(0.0, deadline - time.monotonic()))
             outbox._check()
-            if outbox.is_alive():
+            if outbox.is_alive() and self.keep_going:
+                self.gone.setdefault(j, "it did not take its last messages within the timeout")
+            elif outbox.is_alive():
                 raise TransportTimeout(f"peer {self.rank} could not deliver its last messages to peer {j} within the "
                                        f"{self.timeout_s:g} s timeout ([gossip] timeout_s)")
         self.inboxes, self.outboxes, self.first = {}, {}, None
@@ -218,12 +247,12 @@ class Streams:
     def _inbox(self, j: Rank) -> _Inbox:
         if j not in self.inboxes:
             assert self.shape is not None
-            self.inboxes[j] = _Inbox(self.rank, j, *self.shape, self.device)
+            self.inboxes[j] = _Inbox(self.rank, j, *self.shape, self.device, self.keep_going)
             self.inboxes[j].start()
         return self.inboxes[j]
 
     def _outbox(self, j: Rank) -> _Outbox:
         if j not in self.outboxes:
-            self.outboxes[j] = _Outbox(self.rank, j)
+            self.outboxes[j] = _Outbox(self.rank, j, self.keep_going)
             self.outboxes[j].start()
         return self.outboxes[j]

@@ -26,8 +26,8 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -108,8 +108,18 @@ def assemble(source: Rank, front: torch.Tensor, rest: torch.Tensor, bound: int, 
     return length, memoryview(message.numpy())[:length], None
 
 
+def gloo_reason(err: Exception) -> str:
+    """What broke, from a gloo error: its first sentence without the source location."""
+    return str(err).split("] ")[-1].split(". This is typically")[0][:120]
+
+
 class TransportTimeout(RuntimeError):
     """A neighbour sent nothing within the exchange timeout; the message names it."""
+
+
+class PeerLost(TransportTimeout):
+    """[run] on_peer_loss = 'continue': a collective (monitoring, the summary) needs every peer
+    and one is gone; callers skip it, and every later one, for the rest of the run."""
 
 
 class TransportRefused(RuntimeError):
@@ -189,7 +199,7 @@ def shutdown() -> None:
 class TorchTransport:
     """Point-to-point exchange over the default torch.distributed group."""
 
-    def __init__(self, device: torch.device | None = None, timeout_s: float = 300.0) -> None:
+    def __init__(self, device: torch.device | None = None, timeout_s: float = 300.0, keep_going: bool = False) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device or torch.device("cpu")
@@ -197,6 +207,11 @@ class TorchTransport:
         self.refused: dict[Rank, str] = {}
         self.streams: Streams | None = None
         """Deadline gossip's streams, opened by the first `deadline_exchange`."""
+        self.keep_going = keep_going
+        """[run] on_peer_loss = 'continue': a neighbour whose connection breaks is gone, not fatal."""
+        self.gone: dict[Rank, str] = {}
+        """keep_going: neighbours found gone, and what broke."""
+        self.collectives: PeerCollectives | None = PeerCollectives(timeout_s) if keep_going else None
 
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
                  patience: int = 1, max_length: int | None = None, head: int = 0) -> dict[Rank, bytes]:
@@ -256,7 +271,7 @@ class TorchTransport:
         from p2pfed.stream import Streams
 
         if self.streams is None:
-            self.streams = Streams(self.rank, self.device, self.timeout_s)
+            self.streams = Streams(self.rank, self.device, self.timeout_s, self.keep_going)
         return self.streams
 
     def deadline_exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, max_length: int, head: int,
@@ -273,7 +288,14 @@ class TorchTransport:
         with _terminable():
             result = self._streams().exchange(pieces, incoming_from, tag, max_length, head, wait_s)
         self.refused = result.refused
+        self._lose(result.gone)
         return result.messages, result.late, result.missing
+
+    def _lose(self, gone: dict[Rank, str]) -> None:
+        """Remember neighbours found gone, and tell every peer (collectives skip from now on)."""
+        if gone and self.collectives is not None:
+            self.gone.update(gone)
+            self.collectives.report(f"peer {self.rank} lost peer(s) {sorted(gone)}")
 
     def finish_streams(self) -> int:
         """End deadline gossip's streams (every peer calls it after its last exchange); the late messages dropped."""
@@ -282,6 +304,7 @@ class TorchTransport:
         end = self._pieces({-1: _EndMarker(self.streams.shape[1])}, self.streams.shape[1])[-1]
         with _terminable():
             late = self.streams.finish(end)
+        self._lose({j: why for j, why in self.streams.gone.items() if j not in self.gone})
         self.streams = None
         return late
 
@@ -296,25 +319,33 @@ class TorchTransport:
 
     def all_reduce_sum(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         work = tensor.detach().to(self.device, dtype=dtype or tensor.dtype, copy=True)
-        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        self._collective(lambda group: dist.all_reduce(work, op=dist.ReduceOp.SUM, group=group, async_op=True))
         return work.to(tensor.device)
 
     def all_gather_bytes(self, data: bytes, max_length: int | None = None) -> list[bytes]:
         length = torch.tensor([announced_length(data)], dtype=torch.int64, device=self.device)
         lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
-        dist.all_gather(lengths, length)
+        self._collective(lambda group: dist.all_gather(lengths, length, group=group, async_op=True))
         check_gather_lengths([int(t.item()) for t in lengths], max_length, self.rank)
         size = max(int(t.item()) for t in lengths)
         padded = torch.zeros(size, dtype=torch.uint8, device=self.device)
         if data:
             padded[: len(data)] = self._to_tensor(data)
         gathered = [torch.zeros_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(gathered, padded)
+        self._collective(lambda group: dist.all_gather(gathered, padded, group=group, async_op=True))
         return [g[: int(n.item())].cpu().numpy().tobytes() for g, n in zip(gathered, lengths)]
 
     def barrier(self) -> None:
         """Wait until every peer gets here (benchmark probes start timing together)."""
-        dist.barrier()
+        self._collective(lambda group: dist.barrier(group=group, async_op=True))
+
+    def _collective(self, start: Callable[[Any], dist.Work]) -> None:
+        """Run one collective: on the default group, or (keep_going) on the peers' own group,
+        given up with PeerLost when a peer is gone."""
+        if self.collectives is None:
+            start(None).wait()
+        else:
+            self.collectives.run(start)
 
     def bare_exchange(self, size: int, send_to: list[Rank], receive_from: list[Rank]) -> float:
         """Seconds to send `size` bytes to each of `send_to` and receive as many from each of
@@ -345,6 +376,71 @@ class TorchTransport:
                                            f"([gossip] timeout_s); peer {peer} may have stopped or be stuck") from None
                 raise TransportTimeout(f"peer {self.rank} lost its connection to peer {peer} while trying to {action} it "
                                        f"(peer {peer} probably stopped: {str(err).split('] ')[-1][:80]})") from None
+
+
+class PeerCollectives:
+    """Collectives that a lost peer cannot hang (on_peer_loss = 'continue').
+
+    A collective with a dead member never completes, and gloo fails it at only some of the
+    others (those whose part touches the dead peer's connection); the rest would wait out the
+    timeout, and a timed-out gloo wait closes the connection it waited on. So collectives run
+    on a process group of their own (whatever breaks there, gossip's connections stay whole), and
+    a peer that finds a neighbour gone posts it on the rendezvous store: every peer waiting in,
+    or about to start, a collective sees the post and gives it up at once. From then on every
+    collective raises PeerLost without starting: all peers skip the same ones.
+    """
+
+    POLL_S = 0.005
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))  # every peer calls it, at start
+        self.board = _loss_board(timeout_s)
+        self.lost: str | None = None
+        """Why collectives stopped (None while they run)."""
+
+    def report(self, why: str) -> None:
+        """This peer found a peer gone: stop collectives here, and post it for every peer."""
+        self.lost = self.lost or why
+        if self.board is not None:
+            with contextlib.suppress(Exception):  # a store that is gone too leaves the others to find it themselves
+                self.board.set("lost", why)
+
+    def run(self, start: Callable[[Any], dist.Work]) -> None:
+        self._check()
+        work = start(self.group)
+        deadline = time.monotonic() + self.timeout_s
+        while not work.is_completed():  # a collective's work completes without a wait (point-to-point's would not)
+            self._check()
+            if time.monotonic() > deadline:
+                self.report(f"a collective did not complete within the {self.timeout_s:g} s timeout ([gossip] timeout_s)")
+                self._check()
+            time.sleep(self.POLL_S)
+        try:
+            work.wait()
+        except RuntimeError as err:
+            self.report(f"a collective failed: {gloo_reason(err)}")
+            self._check()
+
+    def _check(self) -> None:
+        if self.lost is None and self.board is not None:
+            try:
+                if self.board.check(["lost"]):
+                    self.lost = self.board.get("lost").decode(errors="replace")[:200]
+            except Exception as err:  # the store's host is gone: so is a peer (its agent, or the peer that held it)
+                self.lost = f"the rendezvous store is unreachable ({type(err).__name__})"
+        if self.lost is not None:
+            raise PeerLost(f"collectives need every peer, and one is gone: {self.lost}")
+
+
+def _loss_board(timeout_s: float) -> dist.Store | None:
+    """The rendezvous store, under a key prefix of this run attempt (None without one: tests)."""
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=min(timeout_s, 30.0)))
+    attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return dist.PrefixStore(f"p2pfed/loss/{attempt}", store)
 
 
 @contextlib.contextmanager

@@ -166,10 +166,11 @@ def test_secure_mode_refuses_a_one_sender_topology_before_launch(tmp_path):
     assert "secure mode needs two or more senders" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_peer_killed_mid_run_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_path):
+@pytest.mark.parametrize("kind", ["crash", "vanish"])  # killed, or gone with status 0 (run.on_peer_loss = 'restart', the default)
+def test_a_peer_killed_mid_run_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_path, kind):
     common = ("run.rounds=5", "run.eval_every=5")
     steady = tiny_run(tmp_path, "steady", *common)
-    crashed = tiny_run(tmp_path, "crashed", *common, "faults.peers=[1]", "faults.kind=crash", "faults.from_round=3")
+    crashed = tiny_run(tmp_path, "crashed", *common, "faults.peers=[1]", f"faults.kind={kind}", "faults.from_round=3")
     for rank in range(4):
         rows = read_jsonl(crashed / "metrics" / f"peer{rank}.jsonl")
         assert [row["round"] for row in rows] == [0, 1, 2, 3, 4, 5]  # no completed round lost, none twice

@@ -120,7 +120,7 @@ def test_message_loss_costs_a_retransmission_per_loss_at_the_geometric_rate():
     (["run.engine=simulate", "network.latency_ms=inf"], r"\[network\] latency_ms: expected milliseconds in \[0, 1e7\]"),
     (["run.engine=simulate", "network.slow_peers=[7]"], r"\[network\] slow_peers: \[7\] names a rank outside the 4 peers"),
     (["run.engine=simulate", "bench.probes=3"], r"\[bench\] probes: bare send/recv probes time a real network"),
-    (["run.engine=simulate", "faults.peers=[1]", "faults.kind=crash"], r"\[faults\] kind = 'crash' kills its process"),
+    (["run.engine=simulate", "faults.peers=[1]", "faults.kind=crash"], r"\[faults\] kind = 'crash' ends its process"),
     (["run.engine=mpi"], r"\[run\] engine: expected one of torchrun, simulate"),
     (["run.engine=simulate", "network.churn=[[4, 1, 2]]"], r"\[network\] churn: \[\[4, 1, 2\]\] names a rank outside the 4 peers"),
     (["run.engine=simulate", "network.churn=[[1, 3, 3]]"], r"\[network\] churn: expected entries \[rank, leave, rejoin\]"),

@@ -1,0 +1,87 @@
+"""[run] on_peer_loss = 'continue' over real torchrun agents and gloo peers: a peer that dies
+mid-run leaves the others finishing every round, mixing over the neighbours still alive,
+with monitoring skipped from the loss on and a summary of the peers that finished."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY, read_jsonl, run_cli
+from p2pfed.config import ConfigError, load_config
+from p2pfed.model import draw_peer_adapter, load_base, shared_parameters, wrap_lora
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
+ROUNDS, LOST, AT = 6, 2, 3
+RING_NEIGHBOURS = {0: (1, 3), 1: (0, 2), 2: (1, 3), 3: (2, 0)}
+
+
+def initial_adapters(seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    """Each peer's starting adapter under lora.init = 'per_peer', by saved (stock PEFT) name."""
+    config = load_config(TINY, ["lora.init=per_peer"])
+    model = wrap_lora(load_base(config.model)[0], config.lora, seed)
+    adapters = {}
+    for rank in range(4):
+        draw_peer_adapter(model, seed, rank)
+        adapters[rank] = {name.replace(".default", ""): p.detach().double().clone() for name, p in shared_parameters(model)}
+    return adapters
+
+
+def ring_matrix(alive: set[int]) -> np.ndarray:
+    """Metropolis weights of the ring of 4 (1/3 per edge), each dead neighbour's weight on the diagonal."""
+    w = np.zeros((4, 4))
+    for i in alive:
+        for j in RING_NEIGHBOURS[i]:
+            if j in alive:
+                w[i, j] = 1 / 3
+        w[i, i] = 1 - w[i].sum()
+    return w
+
+
+@pytest.mark.parametrize("kind", ["vanish", "crash"])
+def test_a_peer_lost_at_round_3_of_6_leaves_the_others_finishing_every_round(tmp_path, kind):
+    out = tmp_path / kind
+    result = run_cli("run", str(TINY), f"run.out={out}", f"run.rounds={ROUNDS}", "run.local_steps=0", "lora.init=per_peer",
+                     "run.on_peer_loss=continue", "consensus.every=1", "gossip.timeout_s=60", f"faults.peers=[{LOST}]",
+                     f"faults.kind={kind}", f"faults.from_round={AT}", timeout=280)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    survivors = [r for r in range(4) if r != LOST]
+    rows = {rank: read_jsonl(out / "metrics" / f"peer{rank}.jsonl") for rank in range(4)}
+    assert [r["round"] for r in rows[LOST]] == list(range(AT))  # it ran rounds 0..2, then left
+    for rank in survivors:
+        assert [r["round"] for r in rows[rank]] == list(range(ROUNDS + 1)), rank  # no round lost
+        # named gone once, in the round it left, by its neighbours only
+        gone = {r["round"]: r["gone"] for r in rows[rank][1:] if r["gone"]}
+        assert gone == ({AT: [LOST]} if LOST in RING_NEIGHBOURS[rank] else {}), rank
+        assert all(LOST not in r["neighbours"] for r in rows[rank][AT + 1:])
+        # monitoring: measured while everyone was there, skipped at every peer from the loss on
+        assert all(r["consensus"] is not None for r in rows[rank][: AT])
+        assert all(r.get("monitoring_skipped") and r["consensus"] is None for r in rows[rank][AT:]), rank
+    # gossip only (no local steps): the final adapters are a closed form of the starting ones.
+    # Rounds 1-2 mix on the whole ring; rounds 3-6 over the path that is left, each lost edge's
+    # weight going to its end's own term (symmetric and stochastic: the survivors' mean is kept).
+    start = initial_adapters()
+    mixing = np.linalg.matrix_power(ring_matrix(set(survivors)), ROUNDS - AT + 1) @ np.linalg.matrix_power(ring_matrix(set(range(4))), AT - 1)
+    for rank in survivors:
+        final = load_file(out / "adapters" / f"peer{rank}" / "adapter_model.safetensors")
+        for name, tensor in final.items():
+            expected = sum(float(mixing[rank, j]) * start[j][name] for j in range(4))
+            assert torch.allclose(tensor.double(), expected, rtol=1e-5, atol=1e-6), (rank, name)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lost"] == [LOST] and [p["rank"] for p in summary["peers_table"]] == survivors
+    assert f"Peers lost during the run (on_peer_loss = 'continue'): [{LOST}]" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["gossip.mode=allreduce"], "needs gossip.mode = 'gossip'"),
+    (["gossip.secure=true"], "use on_peer_loss = 'restart' in secure mode"),
+    (["consensus.target=0.01"], "set consensus.target = 0"),
+    (["gossip.algorithm=choco"], "use algorithm = 'plain' and error_feedback = 'off'"),
+    (["bench.probes=2"], "set probes = 0"),
+])
+def test_continue_is_refused_where_a_missing_peer_would_break_the_round(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(ROOT / "launch/configs/tiny.toml", ["run.on_peer_loss=continue", *overrides]).check()
