@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pfed.benchchurn import CHURN_COMMON, CHURN_ROWS
 from p2pfed.benchcomm import COMMUNICATION_ROWS
 from p2pfed.benchexchange import EXCHANGE_ROWS
 from p2pfed.benchprivacy import PRIVACY_ROWS
@@ -58,7 +59,8 @@ class Suite:
     (the smallest epsilon within 5% of the no-DP row), 'communication' (>= 100x fewer bytes
     within 1% of allreduce), 'robust' or
     'convergence' (the full suite's four goals), 'scale' (the simulator: memory, speed, consensus),
-    'exchange' (the whole gossip exchange against a bare send/recv: p2pfed.benchexchange)."""
+    'exchange' (the whole gossip exchange against a bare send/recv: p2pfed.benchexchange), 'churn'
+    (stragglers and lost peers: p2pfed.benchchurn)."""
     scaling: tuple[Scaling, ...] = ()
     micro: str = ""
     """Micro-benchmark size: '' (none), 'quick' or 'full'."""
@@ -155,6 +157,9 @@ SUITES = {
                            "48 local steps per peer in every row, H a round", COMMUNICATION_ROWS, judge="communication"),
     "exchange": Suite("", "the whole gossip exchange against a bare send/recv of the same bytes (torchrun peers on a ring, "
                       "no model: a SmolLM2-sized and a 7B-class LoRA-sized vector)", EXCHANGE_ROWS, judge="exchange"),  # type: ignore[arg-type]
+    "churn": Suite("launch/configs/bench.toml", "a slow or dead peer on the 8-peer SmolLM2 task (ring, 12 rounds x 1 local step): "
+                   "the others' pace and perplexity with a 3x straggler (lockstep, deadline gossip) and with a peer killed at "
+                   "round 5 (continue, restart)", CHURN_ROWS, CHURN_COMMON, judge="churn"),
     "scale": Suite(TINY_AND_SMOLLM2, "the simulator (`p2pfed simulate`): memory and peer-steps/s against torchrun, 1,024 tiny and 256 "
                    "SmolLM2 peers, consensus per round at 16-1,024 peers against the mixing matrices, an emulated 100 ms / 10 Mbit/s ring",
                    SCALE_ROWS, judge="scale"),
@@ -285,6 +290,11 @@ class BenchRun:
             results = [self.scale_row(i, len(rows), row) for i, row in enumerate(rows, start=1)]
         elif suite.judge == "exchange":
             results = [self.exchange_row(i, len(rows), row) for i, row in enumerate(rows, start=1)]
+        elif suite.judge == "churn":
+            from p2pfed.benchchurn import churn_figures
+
+            results = [churn_figures(row, self.run_row(self.suite_name, i, len(rows), row, suite.base, suite.common))
+                       for i, row in enumerate(rows, start=1)]
         else:
             results = [convergence_figures(row, self.run_row(self.suite_name, i, len(rows), row, suite.base, suite.common))
                        for i, row in enumerate(rows, start=1)]

@@ -273,7 +273,15 @@ def write_results(suite_name: str, suite: "Suite", results: list[dict[str, Any]]
             f"the runs took {sum(r.get('wall_s', 0.0) for r in [*results, *scaling]) / 60:.0f} min in all "
             f"(this invocation {wall_s / 60:.0f} min: finished runs of the identical config and the same clean commit are reused).", "",
             code_line([*results, *scaled_code(scaling)], micro), ""]
-    if suite.judge == "exchange":
+    if suite.judge == "churn":
+        from p2pfed.benchchurn import CHURN_NOTE, churn_goals, churn_table
+
+        base = results[0]["config"]
+        text += [f"Base config `{suite.base}` with `{' '.join(suite.common)}`: {base['run']['peers']} peers, model "
+                 f"`{base['model']['name']}`, {base['run']['rounds']} rounds x {base['run']['local_steps']} local step of "
+                 f"{base['data']['batch_size']}x{base['data']['block_size']} tokens, seed {base['run']['seed']}.", "",
+                 churn_table(results), "", "Goals:", *churn_goals(results), "", CHURN_NOTE, ""]
+    elif suite.judge == "exchange":
         from p2pfed.benchexchange import EXCHANGE_NOTE, exchange_table
 
         text += [exchange_table(results), "", EXCHANGE_NOTE, ""]

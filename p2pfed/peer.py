@@ -562,7 +562,7 @@ def run(config: Config, transport: Transport, device: torch.device, shared: Shar
     try:
         gathered = transport.all_gather_bytes(json.dumps(row).encode())
     except PeerLost:  # a peer is gone: `p2pfed run` writes the summary from the survivors' rows
-        write_survivor_row(peer, row)
+        write_survivor_row(peer, {**row, "wall_s": time.perf_counter() - started})
         return row
     if peer.rank == 0:  # only peer 0 writes the summary: N peers reading N rows each is N^2 at 1,024 simulated peers
         rows = [summary_row(b, rank, row) for rank, b in enumerate(gathered)]
@@ -584,7 +584,8 @@ def write_survivor_row(peer: Peer, row: dict[str, Any]) -> None:
 def survivors_summary(config: Config, wall_s: float) -> str | None:
     """The summary of a run that went on without lost peers, from the rows the survivors wrote
     (None when no peer wrote one: nothing was lost, or nobody finished). The rows are read as
-    any other peer's (numbers under known keys only)."""
+    any other peer's (numbers under known keys only). `wall_s`: the launcher's, used only when
+    no row says how long its peer ran."""
     paths = RunPaths(Path(config.run.out))
     files = {rank: paths.survivors / f"peer{rank}.json" for rank in range(config.run.peers)}
     raw = {rank: f.read_bytes() for rank, f in files.items() if f.exists()}
@@ -597,7 +598,8 @@ def survivors_summary(config: Config, wall_s: float) -> str | None:
                {"prompt": config.run.prompt, "base": "(not generated: peer 0 was lost)", "fine_tuned": "(not generated: peer 0 was lost)"})
     topology = load_topology(config.gossip.topology, config.run.peers) if config.gossip.mode == "gossip" else None
     lost = sorted(set(range(config.run.peers)) - set(raw))
-    text = write_summary(config, rows, samples, topology, wall_s,
+    walls = [r["wall_s"] for r in rows if r.get("wall_s")]
+    text = write_summary(config, rows, samples, topology, max(walls) if walls else wall_s,  # as a gathered run's: from the peers' start
                          lost_note=f"Peers lost during the run (on_peer_loss = 'continue'): {lost}; the table lists the "
                                    f"{len(rows)} that finished, and the means are theirs.")
     return text
