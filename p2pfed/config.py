@@ -538,9 +538,6 @@ class Config:
         if self.gossip.mode != "gossip" or self.run.engine != "torchrun":
             raise ConfigError("[run] on_peer_loss = 'continue': survivors go on by gossiping without the dead peer, so it needs "
                               "gossip.mode = 'gossip' under run.engine = 'torchrun' (allreduce needs every peer in every round)")
-        if self.gossip.secure:
-            raise ConfigError("[run] on_peer_loss = 'continue': secure mode's masks need every sender of a sum or its recovery "
-                              "phases, which do not run over deadline streams yet; use on_peer_loss = 'restart' in secure mode")
         if self.consensus.target > 0:
             raise ConfigError("[run] on_peer_loss = 'continue': consensus control needs every peer's consensus figure each round; "
                               "set consensus.target = 0")

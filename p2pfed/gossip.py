@@ -71,8 +71,10 @@ class Averager:
         """Deadline gossip (p2pfed.stream): wait this long for neighbours' messages; 0: for all of them."""
         self.keep_going = keep_going and mode == "gossip"
         """[run] on_peer_loss = 'continue': a neighbour whose connection breaks is gone, and mixing goes on without it."""
-        self.streaming = bool(self.deadline_s) or self.keep_going
-        """Exchanges go over p2pfed.stream's per-neighbour streams (deadline gossip, or going on without the gone)."""
+        self.streaming = bool(self.deadline_s) or (self.keep_going and secure is None)
+        """Exchanges go over p2pfed.stream's per-neighbour streams (deadline gossip, or plain gossip going on
+        without the gone). Secure mode's phases are lockstep exchanges of several sizes: there the transport
+        leaves a gone neighbour out, and the protocol recovers the sum of the senders present."""
         self.wait_s = self.deadline_s or getattr(transport, "timeout_s", 0.0)
         """How long a streamed exchange waits for its senders: the deadline, else the timeout."""
         self.gone: set[int] = set()
@@ -193,13 +195,15 @@ class Averager:
         start = time.perf_counter()
         if deadline:
             incoming, late, missing = self.transport.deadline_exchange(outgoing, incoming_from, self.exchanges, max_length, OVERHEAD,  # type: ignore[attr-defined]
-                                                                       self.wait_s)
+                                                                       self.wait_s, skip_behind=bool(self.deadline_s))
             stats.late, stats.missing = stats.late + late, stats.missing + missing
             if missing:
                 log.info("peer %d: no message from peer(s) %s within %g s", self.rank, missing, self.wait_s)
             stats.gone += self._note_gone(round)
         else:
             incoming = self.transport.exchange(outgoing, incoming_from, self.exchanges, partial, patience, max_length, head=OVERHEAD)
+            if self.keep_going:
+                stats.gone += self._note_gone(round)
         stats.comm_s += time.perf_counter() - start
         for j, why in sorted(getattr(self.transport, "refused", {}).items()):
             stats.rejected["length"] = stats.rejected.get("length", 0) + 1
@@ -471,7 +475,7 @@ class _SecureChannel:
         sealed = averager._seal_all(outgoing, self.round, self.step, kind, stats, self.purpose)
         if tamper and faults is not None:
             sealed = faults.corrupt(sealed, self.round + 1)
-        incoming = averager._exchange(sealed, listen, stats, OVERHEAD + max_payload, partial=True, patience=patience)
+        incoming = averager._exchange(sealed, listen, stats, OVERHEAD + max_payload, partial=True, patience=patience, round=self.round)
         heard = {}
         for j, message in sorted(incoming.items()):
             opened = averager._open(message, j, self.round, self.step, listen, max_payload, accept, stats, self.purpose)

@@ -23,6 +23,10 @@ posts no receive, so a sender that runs ahead waits (a peer runs at most 2 x MAX
 exchanges ahead of a neighbour). At the end (`finish`) every peer sends each out-neighbour an end
 marker and reads each of its streams up to the marker, so nothing stays posted or queued
 when the group shuts down.
+
+With `keep_going` ([run] on_peer_loss = 'continue'), a stream whose connection breaks (the
+neighbour died, or was silent past gloo's timeout, which closes it) ends instead of stopping
+this peer: the neighbour is gone, named in `Streams.gone`, and nothing more is sent to it.
 """
 
 from __future__ import annotations
@@ -177,9 +181,14 @@ class Streams:
             self._inbox(j)
 
     def exchange(self, pieces: dict[Rank, tuple[torch.Tensor, torch.Tensor]], incoming_from: list[Rank], exchange: int,
-                 bound: int, head: int, wait_s: float) -> StreamResult:
+                 bound: int, head: int, wait_s: float, skip_behind: bool = False) -> StreamResult:
         """Queue `pieces` (front, body per receiver), then take each sender's message of `exchange`
-        that arrives within `wait_s` seconds."""
+        that arrives within `wait_s` seconds. `skip_behind` (deadline gossip): a sender whose
+        previous message has not even arrived is a whole exchange behind, and is not waited for
+        (its message is taken only if it is already here). Waiting the deadline for it in every
+        round would make this peer that late for its other neighbours, and they for theirs: the
+        whole graph would fall into step with the straggler's neighbours, each message arriving
+        just after its receiver's deadline (seen on the 8-peer churn bench before this rule)."""
         self.open([], exchange, bound, head)
         if (bound, head) != self.shape:
             raise ValueError(f"peer {self.rank}: a deadline exchange of bound {bound} and head {head}, but the streams carry "
@@ -191,8 +200,9 @@ class Streams:
         deadline = time.monotonic() + wait_s
         for j in incoming_from:
             inbox = self._inbox(j)
+            behind = skip_behind and inbox.taken + inbox.mailbox.qsize() < wanted - 1
             while inbox.taken < wanted:
-                arrival = None if inbox.ended else inbox.take(deadline - time.monotonic())
+                arrival = None if inbox.ended else inbox.take(0.0 if behind else deadline - time.monotonic())
                 if self.keep_going and inbox.error is not None and inbox.ended:
                     break  # gone: named below, not missing
                 if arrival is None or arrival.end:

@@ -216,7 +216,12 @@ class TorchTransport:
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
                  patience: int = 1, max_length: int | None = None, head: int = 0) -> dict[Rank, bytes]:
         # A point-to-point stream cannot skip a message (a late one would be read as the next),
-        # so `partial` does not apply here: a silent neighbour stops this peer, naming it.
+        # so `partial` does not apply here: a silent neighbour stops this peer, naming it. With
+        # keep_going, one whose connection breaks (or times out, which closes it) is gone instead:
+        # left out of this exchange and every later one.
+        if self.keep_going:
+            outgoing = {j: m for j, m in outgoing.items() if j not in self.gone}
+            incoming_from = [j for j in incoming_from if j not in self.gone]
         with _terminable():
             return self._exchange(outgoing, incoming_from, tag, time.monotonic() + self.timeout_s * patience, max_length, head)
 
@@ -228,16 +233,31 @@ class TorchTransport:
         # for), the rest received in place after the head: a message is read without a copy.
         bound = UNBOUNDED_EXCHANGE if max_length is None else max_length
         head = min(head, bound)
-        sends: list[tuple[str, Rank, dist.Work]] = []
+        works: list[tuple[str, Rank, dist.Work]] = []
+        broken: dict[Rank, str] = {}
+
+        def post(action: str, peer: Rank, start: Callable[[], dist.Work]) -> None:
+            try:
+                works.append((action, peer, start()))
+            except RuntimeError as err:  # gloo refuses to post on a connection already broken
+                if not self.keep_going:
+                    raise TransportTimeout(f"peer {self.rank} lost its connection to peer {peer} while trying to {action} it "
+                                           f"(peer {peer} probably stopped: {gloo_reason(err)})") from None
+                broken[peer] = gloo_reason(err)
+
         for j, (front, body) in self._pieces(outgoing, head).items():
-            sends += [("deliver to", j, dist.isend(front, dst=j, tag=_tag(tag, _LENGTH_TAG))),
-                      ("deliver to", j, dist.isend(body, dst=j, tag=_tag(tag, _FRAME_TAG)))]
+            post("deliver to", j, lambda: dist.isend(front, dst=j, tag=_tag(tag, _LENGTH_TAG)))
+            post("deliver to", j, lambda: dist.isend(body, dst=j, tag=_tag(tag, _FRAME_TAG)))
         buffers = {j: receive_buffers(bound, head, self.device) for j in incoming_from}
-        self._wait(sends + [("hear from", j, dist.irecv(front, src=j, tag=_tag(tag, _LENGTH_TAG))) for j, (front, _) in buffers.items()]
-                   + [("hear from", j, dist.irecv(rest[head:], src=j, tag=_tag(tag, _FRAME_TAG))) for j, (_, rest) in buffers.items()],
-                   deadline)
+        for j, (front, rest) in buffers.items():
+            post("hear from", j, lambda: dist.irecv(front, src=j, tag=_tag(tag, _LENGTH_TAG)))
+            post("hear from", j, lambda: dist.irecv(rest[head:], src=j, tag=_tag(tag, _FRAME_TAG)))
+        broken.update(self._wait([w for w in works if w[1] not in broken], deadline))
+        self._lose(broken)
         self.refused, messages = {}, {}
         for j, (front, rest) in buffers.items():
+            if j in broken:
+                continue
             length, message, why = assemble(j, front, rest, bound, head)
             if why is not None:
                 self.refused[j] = why
@@ -275,10 +295,11 @@ class TorchTransport:
         return self.streams
 
     def deadline_exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, max_length: int, head: int,
-                          wait_s: float) -> tuple[dict[Rank, memoryview], int, list[Rank]]:
+                          wait_s: float, skip_behind: bool = False) -> tuple[dict[Rank, memoryview], int, list[Rank]]:
         """Deadline gossip (p2pfed.stream): send on this peer's streams, take each sender's message of
-        exchange `tag` that arrives within `wait_s`; (messages, late messages dropped, senders missing).
-        Senders whose length is refused are named in `refused`, as after `exchange`."""
+        exchange `tag` that arrives within `wait_s` (not waiting for a sender a whole exchange behind,
+        with `skip_behind`); (messages, late messages dropped, senders missing). Senders whose length
+        is refused are named in `refused`, as after `exchange`."""
         head = min(head, max_length)
         pieces, copies = self._pieces(outgoing, head), {}
         for j, (front, body) in pieces.items():  # sent later, from a thread: a copy the caller cannot change meanwhile
@@ -286,7 +307,7 @@ class TorchTransport:
                 copies[id(body)] = body.clone()
             pieces[j] = (front, copies[id(body)])
         with _terminable():
-            result = self._streams().exchange(pieces, incoming_from, tag, max_length, head, wait_s)
+            result = self._streams().exchange(pieces, incoming_from, tag, max_length, head, wait_s, skip_behind)
         self.refused = result.refused
         self._lose(result.gone)
         return result.messages, result.late, result.missing
@@ -365,17 +386,25 @@ class TorchTransport:
     def _to_tensor(self, data: bytes) -> torch.Tensor:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
 
-    def _wait(self, works: list[tuple[str, Rank, dist.Work]], deadline: float) -> None:
-        """Wait for every send and receive; the first one past the deadline names its peer."""
+    def _wait(self, works: list[tuple[str, Rank, dist.Work]], deadline: float) -> dict[Rank, str]:
+        """Wait for every send and receive; the first one past the deadline names its peer. With
+        keep_going, the peers whose connection broke (or timed out) instead: (peer, what broke)."""
+        broken: dict[Rank, str] = {}
         for action, peer, work in works:
+            if peer in broken:
+                continue
             try:
                 work.wait(datetime.timedelta(seconds=max(0.001, deadline - time.monotonic())))
             except RuntimeError as err:
+                if self.keep_going:  # a timed-out wait closes the connection too: either way the peer is gone
+                    broken[peer] = (f"silent past the {self.timeout_s:g} s timeout" if "Timed out" in str(err) else gloo_reason(err))
+                    continue
                 if "Timed out" in str(err):
                     raise TransportTimeout(f"peer {self.rank} could not {action} peer {peer} within the {self.timeout_s:g} s timeout "
                                            f"([gossip] timeout_s); peer {peer} may have stopped or be stuck") from None
                 raise TransportTimeout(f"peer {self.rank} lost its connection to peer {peer} while trying to {action} it "
-                                       f"(peer {peer} probably stopped: {str(err).split('] ')[-1][:80]})") from None
+                                       f"(peer {peer} probably stopped: {gloo_reason(err)})") from None
+        return broken
 
 
 class PeerCollectives:

@@ -67,6 +67,39 @@ def test_streams_take_each_exchange_message_in_order_and_drop_the_late_ones(tmp_
     assert slow["late_at_end"] == fast["late_at_end"] == 0
 
 
+def behind_worker(rank: int, world: int, store: str, out: str, skip_behind: bool) -> None:
+    """Both 'train' before each exchange, peer 1 for 0.6 s; peer 0 stalls 4 s once, then trains
+    0.1 s an exchange and catches up."""
+    transport, _, _ = join_gloo_group(rank, world, store)
+    other, seen = 1 - rank, []
+    for k in range(1, 9):
+        time.sleep((4.0 if k == 1 else 0.1) if rank == 0 else 0.6)
+        start = time.monotonic()
+        got, late, missing = transport.deadline_exchange({other: f"{rank}:{k}".encode().ljust(10)}, [other], k, BOUND, HEAD, 1.0,
+                                                         skip_behind)
+        seen.append({"took_s": time.monotonic() - start, "got": sorted(got), "missing": missing})
+    transport.finish_streams()
+    Path(out, f"{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("skip_behind", [False, True])
+def test_a_neighbour_a_whole_exchange_behind_is_not_waited_for(tmp_path, skip_behind):
+    """Without the rule, the peer that keeps time waits the whole deadline for the stalled one
+    in every exchange the other lags (and so is late for its own other neighbours). With it,
+    once the stalled peer has missed a deadline and not even delivered that exchange's message,
+    it is not waited for; caught up, it is heard again."""
+    spawn_peers(behind_worker, 2, tmp_path, str(tmp_path), skip_behind)
+    fast = json.loads((tmp_path / "1.json").read_text())
+    assert fast[0]["missing"] == [0] and fast[0]["took_s"] >= 0.9  # exchange 1: the deadline is waited out
+    if skip_behind:
+        assert fast[1]["missing"] == [0] and fast[1]["took_s"] < 0.3  # exchange 2: message 1 is not even here: no wait
+    else:
+        assert fast[1]["missing"] == [0] and fast[1]["took_s"] >= 0.9
+    assert [e["got"] for e in fast[-2:]] == [[0], [0]]  # caught up: heard again
+
+
 def test_deadline_gossip_is_refused_where_a_skipped_message_would_break_the_protocol():
     for overrides, expected in ((["gossip.mode=allreduce"], "deadline gossip is for neighbour gossip"),
                                 (["consensus.target=0.1"], "without consensus control"),
