@@ -587,15 +587,17 @@ def survivors_summary(config: Config, wall_s: float) -> str | None:
     any other peer's (numbers under known keys only). `wall_s`: the launcher's, used only when
     no row says how long its peer ran."""
     paths = RunPaths(Path(config.run.out))
-    files = {rank: paths.survivors / f"peer{rank}.json" for rank in range(config.run.peers)}
-    raw = {rank: f.read_bytes() for rank, f in files.items() if f.exists()}
+    raw = {rank: data for rank in range(config.run.peers) if (data := _small_file(paths.survivors / f"peer{rank}.json")) is not None}
     if not raw:
         return None
-    template = json.loads(next(iter(raw.values())))
+    try:  # the columns: the number-valued keys of the first row (each row is then read against them)
+        first = json.loads(next(iter(raw.values())))
+    except (ValueError, RecursionError):
+        first = None
+    numeric = {k: v for k, v in first.items() if isinstance(v, (bool, int, float))} if isinstance(first, dict) else {}
+    template = {**{key: 0.0 for key in (*SUMMARY_COLUMNS, *SUMMED)}, **numeric}  # the summary's own columns, whatever the first row holds
     rows = [summary_row(data, rank, template) for rank, data in sorted(raw.items())]
-    samples_file = paths.survivors / "samples.json"
-    samples = (json.loads(samples_file.read_text(encoding="utf-8")) if samples_file.exists() else
-               {"prompt": config.run.prompt, "base": "(not generated: peer 0 was lost)", "fine_tuned": "(not generated: peer 0 was lost)"})
+    samples = _survivor_samples(paths.survivors / "samples.json", config.run.prompt)
     topology = load_topology(config.gossip.topology, config.run.peers) if config.gossip.mode == "gossip" else None
     lost = sorted(set(range(config.run.peers)) - set(raw))
     walls = [r["wall_s"] for r in rows if r.get("wall_s")]
@@ -603,6 +605,37 @@ def survivors_summary(config: Config, wall_s: float) -> str | None:
                          lost_note=f"Peers lost during the run (on_peer_loss = 'continue'): {lost}; the table lists the "
                                    f"{len(rows)} that finished, and the means are theirs.")
     return text
+
+
+SURVIVOR_FILE_LIMIT = 1 << 20
+"""The most bytes the launcher reads from a survivor's row or samples file."""
+
+
+def _small_file(path: Path) -> bytes | None:
+    """A file another process wrote, if it is there and no larger than SURVIVOR_FILE_LIMIT."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(SURVIVOR_FILE_LIMIT + 1)
+    except OSError:
+        return None
+    if len(data) > SURVIVOR_FILE_LIMIT:
+        log.warning("%s: larger than %d bytes; left out of the summary", path, SURVIVOR_FILE_LIMIT)
+        return None
+    return data
+
+
+def _survivor_samples(path: Path, prompt: str) -> dict[str, str]:
+    """Peer 0's before/after samples, or a placeholder when it was lost (or wrote something else)."""
+    missing = {"prompt": prompt, "base": "(not generated: peer 0 was lost)", "fine_tuned": "(not generated: peer 0 was lost)"}
+    data = _small_file(path)
+    try:
+        samples = json.loads(data) if data is not None else None
+    except ValueError:
+        samples = None
+    keys = ("prompt", "base", "fine_tuned")
+    if not isinstance(samples, dict) or not all(isinstance(samples.get(k), str) for k in keys):
+        return missing
+    return {k: samples[k] for k in keys}
 
 
 def _plain_number(value: Any) -> bool:
@@ -633,6 +666,8 @@ def summary_row(data: bytes, rank: int, own: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+SUMMARY_COLUMNS = ("global_ppl_before", "global_ppl_after", "own_ppl_before", "own_ppl_after", "bytes_estimated", "compression")
+"""With SUMMED: the columns the summary's table reads from every row."""
 SUMMED = ("bytes_per_round", "bytes_total", "rejected", "injected", "dropouts", "abandoned", "inconsistent", "repeats", "clipped",
           "compute_s_per_round", "codec_s_per_round", "crypto_s_per_round", "comm_s_per_round", "mask_s_per_round",
           "round_s", "gossip_steps")

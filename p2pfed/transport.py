@@ -433,7 +433,7 @@ class PeerCollectives:
         self.lost = self.lost or why
         if self.board is not None:
             with contextlib.suppress(Exception):  # a store that is gone too leaves the others to find it themselves
-                self.board.set("lost", why)
+                self.board.set("lost", b"1")
 
     def run(self, start: Callable[[Any], dist.Work]) -> None:
         self._check()
@@ -453,9 +453,9 @@ class PeerCollectives:
 
     def _check(self) -> None:
         if self.lost is None and self.board is not None:
-            try:
+            try:  # only whether the key is there: its value is another peer's bytes, never read
                 if self.board.check(["lost"]):
-                    self.lost = self.board.get("lost").decode(errors="replace")[:200]
+                    self.lost = "a peer posted the loss of a neighbour on the rendezvous store"
             except Exception as err:  # the store's host is gone: so is a peer (its agent, or the peer that held it)
                 self.lost = f"the rendezvous store is unreachable ({type(err).__name__})"
         if self.lost is not None:

@@ -117,3 +117,26 @@ def test_secure_mode_sums_the_senders_left_when_one_vanishes_through_torch(tmp_p
 def test_continue_is_refused_where_a_missing_peer_would_break_the_round(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(ROOT / "launch/configs/tiny.toml", ["run.on_peer_loss=continue", *overrides]).check()
+
+
+def test_the_launcher_reads_the_survivors_rows_as_hostile_bytes(tmp_path):
+    """Each survivor writes its own row file; the launcher's summary keeps numbers under the
+    first row's columns only, skips a file larger than the limit, and shows placeholders for
+    samples that are not three strings."""
+    from p2pfed.peer import SURVIVOR_FILE_LIMIT, survivors_summary
+
+    config = load_config(TINY, [f"run.out={tmp_path}"])
+    folder = tmp_path / "survivors"
+    folder.mkdir()
+    row = {"rank": 1, "global_ppl_before": 10.0, "global_ppl_after": 9.0, "bytes_per_round": 10, "bytes_total": 100, "wall_s": 3.0}
+    (folder / "peer1.json").write_text(json.dumps(row))
+    (folder / "peer2.json").write_text(json.dumps({**row, "global_ppl_after": "<b>lie</b>", "extra": "text", "rank": 99}))
+    (folder / "peer3.json").write_bytes(b"[" * 100_000)  # nested past the parser's recursion limit
+    (folder / "peer0.json").write_bytes(b" " * (SURVIVOR_FILE_LIMIT + 1))
+    (folder / "samples.json").write_text(json.dumps({"prompt": 1, "base": "x", "fine_tuned": "y"}))
+    text = survivors_summary(config, 1.0)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["lost"] == [0] and [p["rank"] for p in summary["peers_table"]] == [1, 2, 3]
+    assert summary["peers_table"][1]["global_ppl_after"] is None and "extra" not in summary["peers_table"][1]
+    assert "<b>" not in text and "(not generated: peer 0 was lost)" in text
+    assert summary["wall_s"] == 3.0  # the peers' time, not the launcher's
