@@ -129,11 +129,13 @@ def run_with_survivors(config: Config, resolved: Path, env: dict[str, str]) -> i
     here, so a dead peer takes none of the others down; the summary from those that finished."""
     import torch.distributed as dist
 
+    from p2pfed.transport import LOSS_BOARD_ENV
+
     started = time.perf_counter()
     out = Path(config.run.out)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # lives as long as this launcher
     endpoint, run_id = f"127.0.0.1:{store.port}", f"p2pfed-{os.getpid()}"
-    env = {**env, "P2PFED_LOCAL_PEERS": str(config.run.peers)}
+    env = {**env, "P2PFED_LOCAL_PEERS": str(config.run.peers), LOSS_BOARD_ENV: endpoint}
     shutil.rmtree(out / "survivors", ignore_errors=True)  # rows of an earlier attempt are not this run's
     print(f"[p2pfed] launching {config.run.peers} peers, one torchrun agent each (on_peer_loss = 'continue'); "
           f"resolved config in {resolved}", flush=True)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -466,9 +467,9 @@ def _bytes_line(config: Config, info: dict[str, Any]) -> str:
 def _privacy_info(config: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The run's privacy figures as this peer (rank 0, the summary's writer) measured them
     itself: other peers' rows are their claims, and a claim must not rewrite this account."""
-    if not config.privacy.enabled:
+    own = next((r for r in rows if r["rank"] == 0), None)
+    if not config.privacy.enabled or own is None:  # peer 0 lost (on_peer_loss = 'continue'): no account of its own here
         return None
-    own = rows[0]
     return {"clip": config.privacy.clip, "noise_multiplier": config.privacy.noise_multiplier, "delta": config.privacy.delta,
             "budget": config.privacy.epsilon or None, "epsilon": own.get("epsilon"), "epsilon_pld": own.get("epsilon_pld"),
             "epsilon_replace": own.get("epsilon_replace"), "releases": own.get("dp_releases"),
@@ -594,8 +595,11 @@ def survivors_summary(config: Config, wall_s: float) -> str | None:
         first = json.loads(next(iter(raw.values())))
     except (ValueError, RecursionError):
         first = None
-    numeric = {k: v for k, v in first.items() if isinstance(v, (bool, int, float))} if isinstance(first, dict) else {}
-    template = {**{key: 0.0 for key in (*SUMMARY_COLUMNS, *SUMMED)}, **numeric}  # the summary's own columns, whatever the first row holds
+    # the columns: the summary's own, and the first row's number-valued keys, all read as numbers
+    # (no row chooses a column's type: a `true` there would turn every other row's figure into one)
+    numeric = [k for k, v in first.items() if isinstance(v, (int, float))] if isinstance(first, dict) else []
+    template: dict[str, Any] = {key: 0.0 for key in (*SUMMARY_COLUMNS, *SUMMED, *numeric)}
+    template["bytes_estimated"] = False
     rows = [summary_row(data, rank, template) for rank, data in sorted(raw.items())]
     samples = _survivor_samples(paths.survivors / "samples.json", config.run.prompt)
     topology = load_topology(config.gossip.topology, config.run.peers) if config.gossip.mode == "gossip" else None
@@ -613,11 +617,15 @@ SURVIVOR_FILE_LIMIT = 1 << 20
 
 def _small_file(path: Path) -> bytes | None:
     """A file another process wrote, if it is there and no larger than SURVIVOR_FILE_LIMIT."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(SURVIVOR_FILE_LIMIT + 1)
+    try:  # not a FIFO or device that would block the launcher, not a link to elsewhere
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError:
         return None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            log.warning("%s: not a regular file; left out of the summary", path)
+            return None
+        data = handle.read(SURVIVOR_FILE_LIMIT + 1)
     if len(data) > SURVIVOR_FILE_LIMIT:
         log.warning("%s: larger than %d bytes; left out of the summary", path, SURVIVOR_FILE_LIMIT)
         return None

@@ -31,6 +31,7 @@ this peer: the neighbour is gone, named in `Streams.gone`, and nothing more is s
 
 from __future__ import annotations
 
+import datetime
 import queue
 import threading
 import time
@@ -83,6 +84,8 @@ class _Inbox(threading.Thread):
         self.mailbox: queue.Queue[_Arrival] = queue.Queue(maxsize=MAX_AHEAD)
         self.error: str | None = None
         self.taken = 0
+        self.waited = 0.0
+        """Seconds this peer has waited on this stream since its last arrival (keep_going: the timeout's worth = gone)."""
         self.ended = False
         """Its end marker was taken: the sender sends nothing more (early only if it is hostile)."""
 
@@ -100,21 +103,39 @@ class _Inbox(threading.Thread):
     def _receive(self) -> _Arrival:
         front, rest = receive_buffers(self.bound, self.head, self.device)
         for work in [dist.irecv(front, src=self.sender, tag=FRONT_TAG), dist.irecv(rest[self.head:], src=self.sender, tag=BODY_TAG)]:
-            work.wait()
+            wait(work, self.keep_going)
         length, message, why = assemble(self.sender, front, rest, self.bound, self.head)
         return _Arrival(None, end=True) if length == END else _Arrival(message, why)
 
     def take(self, timeout_s: float) -> _Arrival | None:
+        start = time.monotonic()
         try:
             arrival = self.mailbox.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
+            self.waited += time.monotonic() - start
             return None
+        self.waited = 0.0
         if self.error is not None and arrival.end and not self.keep_going:
             raise TransportTimeout(f"peer {self.rank} lost its connection to peer {self.sender} while trying to hear from it "
                                    f"(peer {self.sender} probably stopped, or was silent past [gossip] timeout_s: {self.error})")
         self.taken += 1
         self.ended = arrival.end
         return arrival
+
+
+SILENT_TIMEOUTS = 2
+"""keep_going: waiting this many timeouts in a row with nothing arriving makes a neighbour gone.
+One would not do: a neighbour that itself waits out a timeout for a silent peer of its own is
+that late, and its receivers would drop it too, and theirs it (seen in a test)."""
+FOREVER = datetime.timedelta(days=3650)
+
+
+def wait(work: dist.Work, keep_going: bool) -> None:
+    """Wait for one send or receive. gloo's own timeout, once it expires, fails every
+    connection of the process ("Application timeout caused pair closure"), so under
+    keep_going it never does: a silent neighbour leaves this thread blocked, and the exchange,
+    which waits on a mailbox with its own deadline, names it missing, then gone."""
+    work.wait(FOREVER) if keep_going else work.wait()
 
 
 class _Outbox(threading.Thread):
@@ -133,7 +154,7 @@ class _Outbox(threading.Thread):
             front, body, last = self.queue.get()
             try:
                 for work in [dist.isend(front, dst=self.receiver, tag=FRONT_TAG), dist.isend(body, dst=self.receiver, tag=BODY_TAG)]:
-                    work.wait()
+                    wait(work, self.keep_going)
             except RuntimeError as err:  # the connection broke, or the receiver took nothing for gloo's timeout
                 self.error = gloo_reason(err)
                 return
@@ -145,6 +166,9 @@ class _Outbox(threading.Thread):
         try:  # blocks while MAX_AHEAD messages wait for this receiver: it is that many exchanges behind
             self.queue.put((*pieces, last), timeout=max(0.0, timeout_s))
         except queue.Full:
+            if self.keep_going:  # it takes nothing: gone, for this peer (the thread stays blocked on its send)
+                self.error = self.error or f"it took none of {MAX_AHEAD} messages within the {timeout_s:g} s timeout"
+                return
             self._check()
             raise TransportTimeout(f"peer {self.rank} could not deliver to peer {self.receiver} within the {timeout_s:g} s timeout "
                                    f"([gossip] timeout_s): peer {self.receiver} is {MAX_AHEAD} exchanges behind") from None
@@ -205,6 +229,10 @@ class Streams:
                 arrival = None if inbox.ended else inbox.take(0.0 if behind else deadline - time.monotonic())
                 if self.keep_going and inbox.error is not None and inbox.ended:
                     break  # gone: named below, not missing
+                if arrival is None and self.keep_going and inbox.waited >= SILENT_TIMEOUTS * self.timeout_s * 0.999:
+                    self.gone.setdefault(j, f"silent for {SILENT_TIMEOUTS} x the {self.timeout_s:g} s timeout")  # not waited for again
+                    result.gone[j] = self.gone[j]
+                    break
                 if arrival is None or arrival.end:
                     result.missing.append(j)
                     break
@@ -214,7 +242,7 @@ class Streams:
                     result.refused[j] = arrival.refusal
                 elif arrival.message is not None:
                     result.messages[j] = arrival.message
-        result.gone = self._newly_gone()
+        result.gone.update(self._newly_gone())
         return result
 
     def _newly_gone(self) -> dict[Rank, str]:
@@ -231,10 +259,11 @@ class Streams:
         """Send every receiver the end marker, read every stream up to its marker, and wait until
         everything queued has left; returns the late messages dropped on the way."""
         late, deadline = 0, time.monotonic() + self.timeout_s
-        for outbox in self.outboxes.values():  # every wait below ends by the deadline: a neighbour cannot hold this peer
-            outbox.send(end, deadline - time.monotonic(), last=True)
+        for j, outbox in self.outboxes.items():  # every wait below ends by the deadline: a neighbour cannot hold this peer
+            if j not in self.gone:
+                outbox.send(end, deadline - time.monotonic(), last=True)
         for j, inbox in self.inboxes.items():
-            while not inbox.ended:
+            while not inbox.ended and j not in self.gone:
                 arrival = inbox.take(deadline - time.monotonic())
                 if arrival is None and self.keep_going:  # silent to the end: left to its thread (a daemon)
                     self.gone.setdefault(j, "its stream did not end within the timeout")
@@ -244,6 +273,8 @@ class Streams:
                                            "timeout ([gossip] timeout_s)")
                 late += 0 if arrival.end else 1
         for j, outbox in self.outboxes.items():
+            if j in self.gone:
+                continue
             outbox.join(max(0.0, deadline - time.monotonic()))
             outbox._check()
             if outbox.is_alive() and self.keep_going:

@@ -211,6 +211,12 @@ class TorchTransport:
         """[run] on_peer_loss = 'continue': a neighbour whose connection breaks is gone, not fatal."""
         self.gone: dict[Rank, str] = {}
         """keep_going: neighbours found gone, and what broke."""
+        self.silence: dict[Rank, float] = {}
+        """keep_going, lockstep: seconds each neighbour has been waited on since it last finished anything."""
+        self.unfinished: set[Rank] = set()
+        """keep_going, lockstep: the neighbours left out of the last exchange, silent at its deadline."""
+        self.pending: dict[Rank, list[threading.Thread]] = {}
+        """keep_going, lockstep: threads still waiting on a silent neighbour's works (left out of their exchange)."""
         self.collectives: PeerCollectives | None = PeerCollectives(timeout_s) if keep_going else None
 
     def exchange(self, outgoing: dict[Rank, bytes], incoming_from: list[Rank], tag: int, partial: bool = False,
@@ -256,7 +262,7 @@ class TorchTransport:
         self._lose(broken)
         self.refused, messages = {}, {}
         for j, (front, rest) in buffers.items():
-            if j in broken:
+            if j in broken or j in self.unfinished:  # gone, or silent this time: its buffers may still be written
                 continue
             length, message, why = assemble(j, front, rest, bound, head)
             if why is not None:
@@ -388,23 +394,72 @@ class TorchTransport:
 
     def _wait(self, works: list[tuple[str, Rank, dist.Work]], deadline: float) -> dict[Rank, str]:
         """Wait for every send and receive; the first one past the deadline names its peer. With
-        keep_going, the peers whose connection broke (or timed out) instead: (peer, what broke)."""
-        broken: dict[Rank, str] = {}
+        keep_going, the peers whose connection broke or who were silent to the deadline instead:
+        (peer, what happened)."""
+        if self.keep_going:
+            return self._wait_keeping_going(works, deadline)
         for action, peer, work in works:
-            if peer in broken:
-                continue
             try:
                 work.wait(datetime.timedelta(seconds=max(0.001, deadline - time.monotonic())))
             except RuntimeError as err:
-                if self.keep_going:  # a timed-out wait closes the connection too: either way the peer is gone
-                    broken[peer] = (f"silent past the {self.timeout_s:g} s timeout" if "Timed out" in str(err) else gloo_reason(err))
-                    continue
                 if "Timed out" in str(err):
                     raise TransportTimeout(f"peer {self.rank} could not {action} peer {peer} within the {self.timeout_s:g} s timeout "
                                            f"([gossip] timeout_s); peer {peer} may have stopped or be stuck") from None
                 raise TransportTimeout(f"peer {self.rank} lost its connection to peer {peer} while trying to {action} it "
                                        f"(peer {peer} probably stopped: {gloo_reason(err)})") from None
+        return {}
+
+
+    def _wait_keeping_going(self, works: list[tuple[str, Rank, dist.Work]], deadline: float) -> dict[Rank, str]:
+        """keep_going's lockstep wait (p2pfed.stream.SILENT_TIMEOUTS): a neighbour not done by the
+        deadline is left out of this exchange, its works left pending; it is gone once it has been
+        waited on that many timeouts with none of them finishing in between (a late one resets it)."""
+        from p2pfed.stream import SILENT_TIMEOUTS
+
+        for peer, threads in list(self.pending.items()):  # heard since: late, not silent
+            if not any(t.is_alive() for t in threads):
+                self.silence.pop(peer, None)
+                del self.pending[peer]
+        start = time.monotonic()
+        broken, silent = _wait_each(works, deadline)
+        self.unfinished = set(silent)
+        for peer, threads in silent.items():
+            self.pending.setdefault(peer, []).extend(threads)
+            self.silence[peer] = self.silence.get(peer, 0.0) + time.monotonic() - start
+            if self.silence[peer] >= SILENT_TIMEOUTS * self.timeout_s * 0.999:
+                broken.setdefault(peer, f"silent for {SILENT_TIMEOUTS} x the {self.timeout_s:g} s timeout")
         return broken
+
+
+def _wait_each(works: list[tuple[str, Rank, dist.Work]], deadline: float) -> tuple[dict[Rank, str], dict[Rank, list[threading.Thread]]]:
+    """Each send or receive waited on by a thread of its own that never lets gloo's timeout expire
+    (an expired one fails every connection of the process, not only the silent neighbour's), until
+    `deadline`: (peers whose connection broke, with what broke; peers with works still pending, with
+    the threads left waiting on them)."""
+    from p2pfed.stream import wait
+
+    outcome: dict[int, str | None] = {}
+
+    def waiter(index: int, work: dist.Work) -> None:
+        try:
+            wait(work, keep_going=True)
+            outcome[index] = None
+        except RuntimeError as err:
+            outcome[index] = gloo_reason(err)
+
+    threads = [threading.Thread(target=waiter, args=(i, work), daemon=True, name="p2pfed-wait") for i, (_, _, work) in enumerate(works)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    broken: dict[Rank, str] = {}
+    silent: dict[Rank, list[threading.Thread]] = {}
+    for index, (_, peer, _) in enumerate(works):
+        if index not in outcome:
+            silent.setdefault(peer, []).append(threads[index])
+        elif outcome[index] is not None:
+            broken.setdefault(peer, outcome[index])  # type: ignore[arg-type]
+    return broken, {peer: threads for peer, threads in silent.items() if peer not in broken}
 
 
 class PeerCollectives:
@@ -462,12 +517,19 @@ class PeerCollectives:
             raise PeerLost(f"collectives need every peer, and one is gone: {self.lost}")
 
 
+LOSS_BOARD_ENV = "P2PFED_LOSS_BOARD"
+"""host:port of the store `p2pfed run` holds for a run that goes on without lost peers."""
+
+
 def _loss_board(timeout_s: float) -> dist.Store | None:
-    """The rendezvous store, under a key prefix of this run attempt (None without one: tests)."""
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+    """Where a loss is posted: the launcher's store (it outlives any peer and its agent), else
+    the workers' rendezvous store, under a key prefix of this run attempt (None without one: tests)."""
+    address = os.environ.get(LOSS_BOARD_ENV) or (f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+                                                 if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ else None)
+    if address is None:
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=datetime.timedelta(seconds=min(timeout_s, 30.0)))
+    host, _, port = address.rpartition(":")
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=min(timeout_s, 30.0)))
     attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     return dist.PrefixStore(f"p2pfed/loss/{attempt}", store)
 

@@ -3,6 +3,7 @@ mid-run leaves the others finishing every round, mixing over the neighbours stil
 with monitoring skipped from the loss on and a summary of the peers that finished."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,54 @@ def test_the_launcher_reads_the_survivors_rows_as_hostile_bytes(tmp_path):
     assert summary["peers_table"][1]["global_ppl_after"] is None and "extra" not in summary["peers_table"][1]
     assert "<b>" not in text and "(not generated: peer 0 was lost)" in text
     assert summary["wall_s"] == 3.0  # the peers' time, not the launcher's
+
+
+SILENT_T = 3.0
+PATH = {0: [1, 2], 1: [0], 2: [0]}  # 0 in the middle; 1 goes silent; 2 never neighbours it
+
+
+def silent_neighbour_worker(rank: int, world: int, store: str, out: str, streams: bool) -> None:
+    """Peers 0 and 2 exchange six times; peer 1 stays alive but silent for 3x the timeout from
+    the second exchange on. The process group's timeout is the gossip timeout, as under p2pfed run."""
+    import datetime
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from p2pfed.transport import TorchTransport
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=SILENT_T))
+    transport, log = TorchTransport(timeout_s=SILENT_T, keep_going=True), []
+    for k in range(1, 7):
+        if rank == 1 and k == 2:
+            time.sleep(5 * SILENT_T)  # alive and silent past the point its neighbour gives up on it
+            os._exit(0)
+        talk = [j for j in PATH[rank] if j not in transport.gone]
+        outgoing = {j: f"{rank}:{k}".encode().ljust(20) for j in talk}
+        if streams:
+            got, _, _ = transport.deadline_exchange(outgoing, talk, k, 64, 8, SILENT_T)
+        else:
+            got = transport.exchange(outgoing, talk, k, max_length=64, head=8)
+        log.append({"got": sorted(got), "gone": sorted(transport.gone)})
+    (Path(out) / f"{rank}.json").write_text(json.dumps(log))
+    os._exit(0)
+
+
+@pytest.mark.parametrize("streams", [True, False], ids=["streams", "lockstep"])
+def test_a_neighbour_silent_past_the_timeout_costs_its_receiver_that_neighbour_only(tmp_path, streams):
+    """gloo's own timeout, once it expires, fails every connection of the process: peer 0 then
+    lost peer 2 too, and peer 2 lost peer 0 (the attack review's script; seen failing). Waits
+    under keep_going never let it expire, and a neighbour is gone only after two timeouts of
+    silence (one timeout failed here too: peer 0, itself waiting out peer 1, was one timeout
+    late for peer 2). Peer 1 is gone for peer 0, and nothing else is."""
+    from conftest import spawn_peers
+
+    spawn_peers(silent_neighbour_worker, 3, tmp_path, str(tmp_path), streams)
+    middle, far = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 2))
+    assert middle[0]["got"] == [1, 2] and middle[-1] == {"got": [2], "gone": [1]}
+    assert all(2 not in entry["gone"] for entry in middle)
+    # peer 2 may miss one message of the peer in the middle while it waits out peer 1, never loses it
+    assert all(entry["gone"] == [] for entry in far) and far[-1]["got"] == [0]
+    assert sum(entry["got"] == [0] for entry in far) >= len(far) - 2
