@@ -467,7 +467,7 @@ def _bytes_line(config: Config, info: dict[str, Any]) -> str:
 def _privacy_info(config: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The run's privacy figures as this peer (rank 0, the summary's writer) measured them
     itself: other peers' rows are their claims, and a claim must not rewrite this account."""
-    own = next((r for r in rows if r["rank"] == 0), None)
+    own = next((r for r in rows if r.get("rank") == 0), None)
     if not config.privacy.enabled or own is None:  # peer 0 lost (on_peer_loss = 'continue'): no account of its own here
         return None
     return {"clip": config.privacy.clip, "noise_multiplier": config.privacy.noise_multiplier, "delta": config.privacy.delta,

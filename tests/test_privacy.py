@@ -231,9 +231,12 @@ def test_the_summary_reports_its_own_privacy_account_not_a_hostile_peers_claim()
     from p2pfed.peer import _privacy_info, _privacy_line
 
     config = load_config(ROOT / "launch/configs/tiny.toml", ["privacy.enabled=true", "privacy.noise_multiplier=2"])
-    own = {"epsilon": 3.0, "epsilon_pld": 2.9, "epsilon_replace": 9.0, "dp_releases": 4, "budget_stop": None, "dp_unprotected_rounds": 0}
-    hostile = {**own, "epsilon": 0.001, "budget_stop": 1}
+    own = {"rank": 0, "epsilon": 3.0, "epsilon_pld": 2.9, "epsilon_replace": 9.0, "dp_releases": 4, "budget_stop": None,
+           "dp_unprotected_rounds": 0}
+    hostile = {**own, "rank": 1, "epsilon": 0.001, "budget_stop": 1}
     info = _privacy_info(config, [own, hostile])
     line = _privacy_line(config, info)
     assert info["epsilon"] == 3.0 and info["stopped_after_round"] is None
+    # peer 0 lost (a survivors' summary): no peer's claim stands in for its account
+    assert _privacy_info(config, [hostile]) is None
     assert "epsilon 3 (RDP), 2.9 (PLD)" in line and "replaced, 9 (RDP)" in line and "stopped" not in line

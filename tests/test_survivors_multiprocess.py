@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, TINY, read_jsonl, run_cli
 from p2pfed.config import ConfigError, load_config
 from p2pfed.model import draw_peer_adapter, load_base, shared_parameters, wrap_lora
+from p2pfed.topology import load_topology
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 ROUNDS, LOST, AT = 6, 2, 3
@@ -192,3 +193,52 @@ def test_a_neighbour_silent_past_the_timeout_costs_its_receiver_that_neighbour_o
     # peer 2 may miss one message of the peer in the middle while it waits out peer 1, never loses it
     assert all(entry["gone"] == [] for entry in far) and far[-1]["got"] == [0]
     assert sum(entry["got"] == [0] for entry in far) >= len(far) - 2
+
+
+LATE, LATE_T = 4, 3.0
+
+
+def late_sender_worker(rank: int, world: int, store: str, out: str) -> None:
+    """Secure gossip on a complete graph of 8 over keep_going transports; peer 4 sleeps 1.5
+    timeouts before its second exchange: late, not gone."""
+    import datetime
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from conftest import deterministic_identity
+    from p2pfed.codec import get_codec
+    from p2pfed.gossip import Averager
+    from p2pfed.identity import Roster
+    from p2pfed.secure import FixedPoint
+    from p2pfed.transport import TorchTransport
+    from test_secure_multiprocess import tiny_adapter
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=LATE_T))
+    keys = [deterministic_identity(r) for r in range(world)]
+    transport = TorchTransport(timeout_s=LATE_T, keep_going=True)
+    averager = Averager(transport, "gossip", get_codec("fp32"), load_topology(ROOT / "topologies/complete.toml", world), keys[rank],
+                        Roster({k.rank: k.public() for k in keys}), secure=FixedPoint(4.0, 20), seed=rank, keep_going=True)
+    x, log = tiny_adapter(rank), []
+    for t in range(3):
+        if rank == LATE and t == 1:
+            time.sleep(1.5 * LATE_T)
+        x, stats = averager.average(x, t)
+        log.append({"dropouts": stats.dropouts, "abandoned": stats.abandoned, "gone": stats.gone})
+    (Path(out) / f"{rank}.json").write_text(json.dumps(log))
+    os._exit(0)
+
+
+def test_secure_mode_sums_the_senders_present_when_one_is_late_through_torch(tmp_path):
+    """A secure sender late past the timeout (alive) is left out of that round's sums, which
+    dropout recovery completes over the other six senders; it is back in the next round, and
+    nobody marks it gone."""
+    from conftest import spawn_peers
+
+    spawn_peers(late_sender_worker, 8, tmp_path, str(tmp_path))
+    logs = {rank: json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(8)}
+    for rank, log in logs.items():
+        assert not any(entry["abandoned"] or entry["gone"] for entry in log), (rank, log)
+        assert [entry["dropouts"] for entry in log] == ([0, 0, 0] if rank == LATE else [0, 1, 0]), (rank, log)
