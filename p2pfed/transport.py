@@ -413,29 +413,45 @@ class TorchTransport:
     def _wait_keeping_going(self, works: list[tuple[str, Rank, dist.Work]], deadline: float) -> dict[Rank, str]:
         """keep_going's lockstep wait (p2pfed.stream.SILENT_TIMEOUTS): a neighbour not done by the
         deadline is left out of this exchange, its works left pending; it is gone once it has been
-        waited on that many timeouts with none of them finishing in between (a late one resets it)."""
+        waited on that many timeouts with nothing of it finishing in between (a late work, or any
+        work of a later exchange, resets it: a neighbour that is only late keeps talking)."""
         from p2pfed.stream import SILENT_TIMEOUTS
 
-        for peer, threads in list(self.pending.items()):  # heard since: late, not silent
-            if not any(t.is_alive() for t in threads):
-                self.silence.pop(peer, None)
-                del self.pending[peer]
+        self._prune_pending()
         start = time.monotonic()
-        broken, silent = _wait_each(works, deadline)
-        self.unfinished = set(silent)
-        for peer, threads in silent.items():
+        broken, unfinished, talked = _wait_each(works, deadline)
+        self._prune_pending()
+        self.unfinished = set(unfinished)
+        for peer in talked:
+            self.silence.pop(peer, None)
+        for peer, threads in unfinished.items():
             self.pending.setdefault(peer, []).extend(threads)
+            if peer in talked:
+                continue
             self.silence[peer] = self.silence.get(peer, 0.0) + time.monotonic() - start
             if self.silence[peer] >= SILENT_TIMEOUTS * self.timeout_s * 0.999:
                 broken.setdefault(peer, f"silent for {SILENT_TIMEOUTS} x the {self.timeout_s:g} s timeout")
         return broken
 
+    def _prune_pending(self) -> None:
+        """Forget the finished ones of the receives left pending; a neighbour one of them finished for is talking."""
+        for peer, threads in list(self.pending.items()):
+            alive = [t for t in threads if t.is_alive()]
+            if len(alive) < len(threads):
+                self.silence.pop(peer, None)
+            if alive:
+                self.pending[peer] = alive
+            else:
+                del self.pending[peer]
 
-def _wait_each(works: list[tuple[str, Rank, dist.Work]], deadline: float) -> tuple[dict[Rank, str], dict[Rank, list[threading.Thread]]]:
+
+def _wait_each(works: list[tuple[str, Rank, dist.Work]], deadline: float
+               ) -> tuple[dict[Rank, str], dict[Rank, list[threading.Thread]], set[Rank]]:
     """Each send or receive waited on by a thread of its own that never lets gloo's timeout expire
     (an expired one fails every connection of the process, not only the silent neighbour's), until
-    `deadline`: (peers whose connection broke, with what broke; peers with works still pending, with
-    the threads left waiting on them)."""
+    `deadline`: (peers whose connection broke, with what broke; peers with receives still pending, with
+    the threads left waiting on them; peers at least one of whose messages arrived). A send still
+    pending is left to its thread."""
     from p2pfed.stream import wait
 
     outcome: dict[int, str | None] = {}
@@ -453,13 +469,18 @@ def _wait_each(works: list[tuple[str, Rank, dist.Work]], deadline: float) -> tup
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     broken: dict[Rank, str] = {}
-    silent: dict[Rank, list[threading.Thread]] = {}
-    for index, (_, peer, _) in enumerate(works):
+    unfinished: dict[Rank, list[threading.Thread]] = {}
+    talked: set[Rank] = set()
+    for index, (action, peer, _) in enumerate(works):
         if index not in outcome:
-            silent.setdefault(peer, []).append(threads[index])
+            if action == "hear from":  # a send still pending says nothing of whether the peer talks
+                unfinished.setdefault(peer, []).append(threads[index])
         elif outcome[index] is not None:
             broken.setdefault(peer, outcome[index])  # type: ignore[arg-type]
-    return broken, {peer: threads for peer, threads in silent.items() if peer not in broken}
+        elif action == "hear from":  # something arrived from it (a finished send may only have left this machine)
+            talked.add(peer)
+    return (broken, {peer: threads for peer, threads in unfinished.items() if peer not in broken},
+            {peer for peer in talked if peer not in broken})
 
 
 class PeerCollectives:
