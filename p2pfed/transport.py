@@ -496,6 +496,8 @@ class PeerCollectives:
     """
 
     POLL_S = 0.005
+    BOARD_EVERY_S = 0.1
+    """How often a waiting collective asks the store for a posted loss (a network round trip)."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -515,8 +517,11 @@ class PeerCollectives:
         self._check()
         work = start(self.group)
         deadline = time.monotonic() + self.timeout_s
+        asked = time.monotonic()
         while not work.is_completed():  # a collective's work completes without a wait (point-to-point's would not)
-            self._check()
+            if time.monotonic() - asked >= self.BOARD_EVERY_S:
+                self._check()
+                asked = time.monotonic()
             if time.monotonic() > deadline:
                 self.report(f"a collective did not complete within the {self.timeout_s:g} s timeout ([gossip] timeout_s)")
                 self._check()
